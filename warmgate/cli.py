@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated
 
 import typer
@@ -42,14 +42,14 @@ def _root(
         raise typer.Exit(Exit.USAGE)
 
 
-class LogLevel(str, Enum):
+class LogLevel(StrEnum):
     debug = "debug"
     info = "info"
     warning = "warning"
     error = "error"
 
 
-class LogFormat(str, Enum):
+class LogFormat(StrEnum):
     auto = "auto"
     json = "json"
     console = "console"
@@ -62,19 +62,28 @@ def _env(name: str) -> str:
 @app.command(context_settings={"allow_interspersed_args": False}, help=_RUN_HELP)
 def run(
     ctx: typer.Context,
-    command: Annotated[list[str] | None, typer.Argument(metavar="CMD [ARGS]...", show_default=False)] = None,
+    command: Annotated[
+        list[str] | None, typer.Argument(metavar="CMD [ARGS]...", show_default=False)
+    ] = None,
     stop_timeout: Annotated[
         float,
-        typer.Option(envvar=_env("STOP_TIMEOUT"), help="Seconds between SIGTERM and SIGKILL of the child's group."),
+        typer.Option(
+            envvar=_env("STOP_TIMEOUT"),
+            help="Seconds between SIGTERM and SIGKILL of the child's group.",
+        ),
     ] = 10.0,
     signal_group: Annotated[
         bool,
-        typer.Option(envvar=_env("SIGNAL_GROUP"), help="Forward signals to the child's whole process group."),
+        typer.Option(
+            envvar=_env("SIGNAL_GROUP"), help="Forward signals to the child's whole process group."
+        ),
     ] = False,
     log_level: Annotated[LogLevel, typer.Option(envvar=_env("LOG_LEVEL"))] = LogLevel.info,
     log_format: Annotated[
         LogFormat,
-        typer.Option(envvar=_env("LOG_FORMAT"), help="auto: JSON lines unless stderr is a terminal."),
+        typer.Option(
+            envvar=_env("LOG_FORMAT"), help="auto: JSON lines unless stderr is a terminal."
+        ),
     ] = LogFormat.auto,
 ) -> int:
     from warmgate.config import RunSettings

@@ -53,7 +53,11 @@ async def _supervise(settings: RunSettings, child: process.Child) -> int:
     loop = asyncio.get_running_loop()
     exited: asyncio.Future[int] = loop.create_future()
     pumps = _start_pumps(child)  # threads start with our signals still blocked
-    reaper = process.Reaper(child.pid, lambda status: loop.call_soon_threadsafe(exited.set_result, status))
+
+    def on_main_exit(status: int) -> None:
+        loop.call_soon_threadsafe(exited.set_result, status)
+
+    reaper = process.Reaper(child.pid, on_main_exit)
     stopper = _Stopper(settings, child, loop)
 
     def on_signal(sig: signal.Signals) -> None:
@@ -87,7 +91,9 @@ async def _supervise(settings: RunSettings, child: process.Child) -> int:
 class _Stopper:
     """Stop escalation: SIGKILL the child's group if it outlives --stop-timeout."""
 
-    def __init__(self, settings: RunSettings, child: process.Child, loop: asyncio.AbstractEventLoop):
+    def __init__(
+        self, settings: RunSettings, child: process.Child, loop: asyncio.AbstractEventLoop
+    ):
         self._settings, self._child, self._loop = settings, child, loop
         self._timer: asyncio.TimerHandle | None = None
 
@@ -150,7 +156,11 @@ def log_exit(settings: RunSettings | None, reason: str, code: int, **fields: obj
         log.configure()
     else:
         log.configure(settings.log_level, settings.log_format)
-    emit = log.get().info if code == 0 or reason in ("child_exited", "child_killed") else log.get().error
+    emit = (
+        log.get().info
+        if code == 0 or reason in ("child_exited", "child_killed")
+        else log.get().error
+    )
     emit("exit", reason=reason, code=code, **fields)
     process.flush_std()
     sys.stderr.flush()
