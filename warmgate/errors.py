@@ -15,6 +15,7 @@ class Exit(IntEnum):
     UPSTREAM_NEVER_HEALTHY = 69  # EX_UNAVAILABLE: not healthy within --startup-timeout
     WARMUP_FAILED = 70  # EX_SOFTWARE: warm-up failed under --on-warmup-failure fail
     PROBE_PORT_UNAVAILABLE = 71  # EX_OSERR: the probe port could not be bound
+    INTERNAL_ERROR = 70  # EX_SOFTWARE too: a bug in warmgate (the log has the traceback)
     NOT_EXECUTABLE = 126
     NOT_FOUND = 127
 

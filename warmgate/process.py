@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 # Signals that are never forwarded. SIGKILL/SIGSTOP cannot be caught; SIGCHLD is
 # ours (reaping); the synchronous fault signals only mean something inside the
 # process that raised them; SIGTTIN/SIGTTOU are ignored so that writing logs
-# from a background process group never stops warmgate.
+# from a background process group never stops warmgate; SIGPIPE stays ignored
+# because warmgate's own sockets raise it (a peer that hung up), and forwarding
+# it once made vLLM shut down in the middle of a warm-up.
 NOT_FORWARDED = frozenset(
     {
         signal.SIGKILL,
@@ -36,6 +38,7 @@ NOT_FORWARDED = frozenset(
         signal.SIGSYS,
         signal.SIGTTIN,
         signal.SIGTTOU,
+        signal.SIGPIPE,
     }
 )
 FORWARDED_SIGNALS: tuple[signal.Signals, ...] = tuple(

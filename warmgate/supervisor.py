@@ -1,4 +1,8 @@
-"""Wires the child process, signals and (later) the warm-up gate into one event loop."""
+"""Wires the child process, its signals and (in warm-up mode) the readiness gate together.
+
+Order matters for start-up speed: the probe port is bound and the child spawned
+before anything heavy (structlog, httpx, prometheus) is imported.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,47 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
-from warmgate import process
+from warmgate import process, servers
 from warmgate.config import RunSettings, child_environment
 from warmgate.errors import Exit
 
 
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where warm-up mode sends its requests."""
+
+    url: str
+    api_key: str | None
+
+
+def warmup_target(settings: RunSettings, environ: dict[str, str]) -> Target | None:
+    """The upstream to warm up, or None for plain-init mode."""
+    if settings.no_warmup:
+        return None
+    url = settings.warmup.upstream or servers.upstream_url(settings.command, environ)
+    if url is None:
+        return None
+    key = settings.warmup.api_key or environ.get("VLLM_API_KEY") or servers.api_key(settings.command)
+    return Target(url, key)
+
+
 def run(settings: RunSettings, own_vars: Iterable[str]) -> int:
     """Spawn the child first (nothing heavy imported yet), then supervise it."""
+    target = warmup_target(settings, dict(os.environ))
+    sock = None
+    if target is not None:
+        try:
+            sock = _bind(settings.host, settings.port)
+        except OSError as exc:
+            why = "is in use (another warmgate?)" if exc.errno == 98 else f"cannot be bound: {exc.strerror}"
+            return log_exit(settings, "probe_port_unavailable", Exit.PROBE_PORT_UNAVAILABLE,
+                            error=f"--port {settings.port} on {settings.host} {why}")
     if not process.is_pid1():
         process.become_subreaper()
     process.block_signals()
@@ -36,29 +71,48 @@ def run(settings: RunSettings, own_vars: Iterable[str]) -> int:
     from warmgate import log
 
     log.configure(settings.log_level, settings.log_format)
-    log.get().info("spawn", pid=child.pid, argv=list(child.argv), pid1=process.is_pid1())
-    return _run_loop(_supervise(settings, child))
-
-
-def _run_loop(main: asyncio.Future[int] | object) -> int:
+    log.get().info("spawn", pid=child.pid, argv=list(child.argv), pid1=process.is_pid1(),
+                   mode="warmup" if target else "plain")
     import uvloop
 
-    return uvloop.run(main)  # type: ignore[arg-type]
+    try:
+        return uvloop.run(_supervise(settings, child, target, sock))
+    except Exception as exc:  # a bug of ours must still stop the child and say why, once
+        process.send(child, signal.SIGKILL, group=True)
+        log.get().exception("internal_error")
+        return log_exit(settings, "internal_error", Exit.INTERNAL_ERROR, error=f"{type(exc).__name__}: {exc}")
 
 
-async def _supervise(settings: RunSettings, child: process.Child) -> int:
+def _bind(host: str, port: int) -> socket.socket:
+    """Reserve the probe port before the child starts, so a clash fails fast."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=1024)
+    sock.setblocking(False)
+    return sock
+
+
+async def _supervise(
+    settings: RunSettings, child: process.Child, target: Target | None, sock: socket.socket | None
+) -> int:
     from warmgate import log
 
     logger = log.get()
     loop = asyncio.get_running_loop()
     exited: asyncio.Future[int] = loop.create_future()
-    pumps = _start_pumps(child)  # threads start with our signals still blocked
+    stopper = _Stopper(settings, child, loop)
+    gate = None
+    if target is not None:
+        from warmgate.gate import Gate
+
+        gate = Gate(settings, child, target.url, target.api_key)
+        for warning in settings.drain_warnings():
+            logger.warning("config", note=warning)
+    pumps = _start_pumps(child, gate.jit.feed if gate is not None else None)  # threads start with signals blocked
 
     def on_main_exit(status: int) -> None:
         loop.call_soon_threadsafe(exited.set_result, status)
 
     reaper = process.Reaper(child.pid, on_main_exit)
-    stopper = _Stopper(settings, child, loop)
 
     def on_signal(sig: signal.Signals) -> None:
         delivered = process.send(child, sig, group=settings.signal_group)
@@ -66,23 +120,33 @@ async def _supervise(settings: RunSettings, child: process.Child) -> int:
         if sig in process.STOP_SIGNALS:
             stopper.arm()
 
+    handler: Callable[[signal.Signals], None] = gate.on_signal if gate is not None else on_signal
     for sig in process.FORWARDED_SIGNALS:
-        loop.add_signal_handler(sig, on_signal, sig)
+        loop.add_signal_handler(sig, handler, sig)
     for sig in (signal.SIGTTIN, signal.SIGTTOU):
         signal.signal(sig, signal.SIG_IGN)
     process.unblock_signals()
 
-    status = await exited
+    if gate is not None:
+        assert sock is not None
+        code = await gate.run(exited, sock, stopper)
+        status = exited.result()
+    else:
+        status = await exited
+        code = process.exit_code(status)
     stopper.cancel()
     killed = await _sweep(child, settings.stop_timeout)
     reaper.join(timeout=1.0)
     for pump in pumps:
         pump.join(timeout=1.0)
-    code = process.exit_code(status)
-    reason = "child_killed" if os.WIFSIGNALED(status) else "child_exited"
-    extra: dict[str, object] = {}
+    extra: dict[str, Any] = gate.exit_fields() if gate is not None else {}
+    reason = gate.exit_reason if gate is not None and gate.exit_reason else None
+    if reason is None:
+        reason = "child_killed" if os.WIFSIGNALED(status) else "child_exited"
     if os.WIFSIGNALED(status):
         extra["signal"] = signal.Signals(os.WTERMSIG(status)).name
+    if code != process.exit_code(status):
+        extra["child_code"] = process.exit_code(status)
     if killed:
         extra["killed_leftovers"] = killed
     return log_exit(settings, reason, code, **extra)
@@ -91,9 +155,7 @@ async def _supervise(settings: RunSettings, child: process.Child) -> int:
 class _Stopper:
     """Stop escalation: SIGKILL the child's group if it outlives --stop-timeout."""
 
-    def __init__(
-        self, settings: RunSettings, child: process.Child, loop: asyncio.AbstractEventLoop
-    ):
+    def __init__(self, settings: RunSettings, child: process.Child, loop: asyncio.AbstractEventLoop):
         self._settings, self._child, self._loop = settings, child, loop
         self._timer: asyncio.TimerHandle | None = None
 
@@ -113,12 +175,12 @@ class _Stopper:
             self._timer.cancel()
 
 
-def _start_pumps(child: process.Child) -> list[process.Pump]:
+def _start_pumps(child: process.Child, scan: Callable[[int, bytes], None] | None) -> list[process.Pump]:
     pumps = []
-    if child.stdout is not None:
-        pumps.append(process.Pump(child.stdout, 1))
-    if child.stderr is not None:
-        pumps.append(process.Pump(child.stderr, 2))
+    for src, dst in ((child.stdout, 1), (child.stderr, 2)):
+        if src is not None:
+            on_data = (lambda data, dst=dst: scan(dst, data)) if scan is not None else None
+            pumps.append(process.Pump(src, dst, on_data))
     return pumps
 
 
@@ -156,12 +218,8 @@ def log_exit(settings: RunSettings | None, reason: str, code: int, **fields: obj
         log.configure()
     else:
         log.configure(settings.log_level, settings.log_format)
-    emit = (
-        log.get().info
-        if code == 0 or reason in ("child_exited", "child_killed")
-        else log.get().error
-    )
-    emit("exit", reason=reason, code=code, **fields)
+    ok = code == 0 or reason in ("child_exited", "child_killed")
+    (log.get().info if ok else log.get().error)("exit", reason=reason, code=int(code), **fields)
     process.flush_std()
     sys.stderr.flush()
-    return code
+    return int(code)

@@ -1,0 +1,357 @@
+"""warmgate.httpserver over real sockets on 127.0.0.1 (port 0), driven by raw bytes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
+
+import h11
+import pytest
+
+from warmgate.httpserver import Request, Response, Server, start_server
+
+CLOSING_GET = b"GET / HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n"
+WAIT_S = 3.0  # bound on every wait; a healthy run needs milliseconds
+
+
+def run(coro: Coroutine[Any, Any, None]) -> None:
+    asyncio.run(asyncio.wait_for(coro, 15))
+
+
+async def echo(request: Request) -> Response:
+    body = f"{request.method} {request.path} ?{request.query} {request.body.decode()}"
+    return Response.text(body, headers=[("x-seen-host", request.headers.get("host", ""))])
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    handler: Callable[[Request], Awaitable[Response]] = echo, **limits: Any
+) -> AsyncIterator[Server]:
+    server = await start_server(handler, "127.0.0.1", 0, **limits)
+    try:
+        yield server
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+class Client:
+    """A raw connection with an h11 client parser, so tests see exactly what was sent."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.h11 = h11.Connection(h11.CLIENT)
+
+    @classmethod
+    async def open(cls, server: Server) -> Client:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        return cls(reader, writer)
+
+    def send(self, method: str, target: str, body: bytes = b"", **headers: str) -> None:
+        hdrs = [("host", "t"), ("content-length", str(len(body)))]
+        hdrs += [(k.replace("_", "-"), v) for k, v in headers.items()]
+        out = self.h11.send(h11.Request(method=method, target=target, headers=hdrs)) or b""
+        out += (self.h11.send(h11.Data(data=body)) or b"") if body else b""
+        out += self.h11.send(h11.EndOfMessage()) or b""
+        self.writer.write(out)
+
+    async def event(self) -> Any:
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            self.h11.receive_data(await asyncio.wait_for(self.reader.read(65536), WAIT_S))
+
+    async def response(self) -> tuple[h11.Response, bytes]:
+        head = await self.event()
+        assert isinstance(head, h11.Response)
+        body = b""
+        while not isinstance(event := await self.event(), h11.EndOfMessage):
+            body += event.data
+        return head, body
+
+    async def closed_by_server(self) -> bool:
+        try:
+            return await asyncio.wait_for(self.reader.read(65536), WAIT_S) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def raw_exchange(server: Server, data: bytes) -> bytes:
+    """Send raw bytes; return everything the server sends before it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(data)
+    received = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := await asyncio.wait_for(reader.read(65536), WAIT_S):
+            received += chunk
+    writer.close()
+    return received
+
+
+def test_port_zero_binds_a_real_port() -> None:
+    async def scenario() -> None:
+        async with serving() as server:
+            assert server.port > 0
+            assert server.host == "127.0.0.1"
+
+    run(scenario())
+
+
+def test_keep_alive_serves_several_requests_on_one_connection() -> None:
+    async def scenario() -> None:
+        async with serving() as server:
+            client = await Client.open(server)
+            for i in range(3):
+                client.send("POST", f"/p{i}?q={i}", b"hi")
+                head, body = await client.response()
+                assert head.status_code == 200
+                assert body == f"POST /p{i} ?q={i} hi".encode()
+                assert (b"x-seen-host", b"t") in head.headers
+                client.h11.start_next_cycle()
+            assert server.connection_count == 1
+            client.close()
+
+    run(scenario())
+
+
+def test_connection_close_is_honoured() -> None:
+    async def scenario() -> None:
+        async with serving() as server:
+            client = await Client.open(server)
+            client.send("GET", "/x", connection="close")
+            head, _ = await client.response()
+            assert head.status_code == 200
+            assert (b"connection", b"close") in head.headers
+            assert await client.closed_by_server()
+
+    run(scenario())
+
+
+def test_http10_without_keep_alive_is_closed() -> None:
+    async def scenario() -> None:
+        async with serving() as server:
+            received = await raw_exchange(server, b"GET /old HTTP/1.0\r\n\r\n")
+            assert received.startswith(b"HTTP/1.1 200")
+            assert received.endswith(b"GET /old ? ")
+
+    run(scenario())
+
+
+def test_head_sends_headers_only() -> None:
+    async def scenario() -> None:
+        async with serving() as server:
+            client = await Client.open(server)
+            client.send("HEAD", "/x")
+            head, body = await client.response()
+            assert head.status_code == 200
+            assert body == b""
+            assert (b"content-length", b"10") in head.headers  # len("HEAD /x ? ")
+            client.h11.start_next_cycle()
+            client.send("GET", "/y")  # the connection is still usable afterwards
+            assert (await client.response())[1] == b"GET /y ? "
+
+    run(scenario())
+
+
+def test_streamed_body_arrives_chunk_by_chunk() -> None:
+    first_seen = asyncio.Event()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"data: one\n\n"
+        # The second chunk waits until the client has the first: proof of incremental flush.
+        await asyncio.wait_for(first_seen.wait(), WAIT_S)
+        yield b"data: two\n\n"
+
+    async def handler(request: Request) -> Response:
+        return Response(200, chunks(), content_type="text/event-stream")
+
+    async def scenario() -> None:
+        async with serving(handler) as server:
+            client = await Client.open(server)
+            client.send("GET", "/sse")
+            head = await client.event()
+            assert (b"transfer-encoding", b"chunked") in head.headers
+            first = await client.event()
+            assert first.data == b"data: one\n\n"
+            first_seen.set()
+            second = await client.event()
+            assert second.data == b"data: two\n\n"
+            assert isinstance(await client.event(), h11.EndOfMessage)
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",  # a TLS hello
+        b"GET / HTTP/1.1\r\nbad header\r\n\r\n",
+    ],
+)
+def test_garbage_gets_400_and_close(garbage: bytes) -> None:
+    async def scenario() -> None:
+        async with serving() as server:
+            received = await raw_exchange(server, garbage)
+            assert received.startswith(b"HTTP/1.1 400 ")
+            # ...and the server keeps serving others.
+            ok = await raw_exchange(server, CLOSING_GET)
+            assert ok.startswith(b"HTTP/1.1 200 ")
+
+    run(scenario())
+
+
+def test_oversized_headers_get_431_and_close() -> None:
+    async def scenario() -> None:
+        async with serving(max_header_bytes=1024) as server:
+            big = b"GET / HTTP/1.1\r\nhost: t\r\nx-big: " + b"a" * 4096 + b"\r\n\r\n"
+            received = await raw_exchange(server, big)
+            assert received.startswith(b"HTTP/1.1 431 ")
+
+    run(scenario())
+
+
+def test_oversized_body_gets_413() -> None:
+    async def scenario() -> None:
+        async with serving(max_body_bytes=10) as server:
+            client = await Client.open(server)
+            client.send("POST", "/", b"x" * 11)
+            head, _ = await client.response()
+            assert head.status_code == 413
+            assert await client.closed_by_server()
+
+    run(scenario())
+
+
+def test_slow_sender_times_out_with_408_and_idle_connection_is_closed() -> None:
+    async def scenario() -> None:
+        async with serving(header_timeout=0.2) as server:
+            received = await raw_exchange(server, b"GET /slow HTTP/1.1\r\nhost: t\r\n")
+            assert received.startswith(b"HTTP/1.1 408 ")
+            # A connection that never sends anything is closed without a word.
+            assert await raw_exchange(server, b"") == b""
+
+    run(scenario())
+
+
+def test_connections_over_the_cap_are_closed_at_once() -> None:
+    async def scenario() -> None:
+        async with serving(max_connections=2) as server:
+            clients = [await Client.open(server) for _ in range(2)]
+            for client in clients:  # a round trip proves each one is accepted
+                client.send("GET", "/")
+                await client.response()
+            extra = await Client.open(server)
+            assert await extra.closed_by_server()
+            clients[0].close()
+            await asyncio.sleep(0.05)
+            again = await Client.open(server)
+            again.send("GET", "/again")
+            assert (await again.response())[1] == b"GET /again ? "
+
+    run(scenario())
+
+
+def test_handler_error_gives_500_and_the_server_keeps_serving() -> None:
+    async def handler(request: Request) -> Response:
+        if request.path == "/boom":
+            raise RuntimeError("boom")
+        return Response.json({"ok": True})
+
+    async def scenario() -> None:
+        async with serving(handler) as server:
+            client = await Client.open(server)
+            client.send("GET", "/boom")
+            assert (await client.response())[0].status_code == 500
+            client.h11.start_next_cycle()
+            client.send("GET", "/fine")
+            head, body = await client.response()
+            assert (head.status_code, body) == (200, b'{"ok":true}')
+            assert (b"content-type", b"application/json") in head.headers
+
+    run(scenario())
+
+
+def test_client_disconnect_cancels_the_stream() -> None:
+    cancelled = asyncio.Event()
+
+    async def forever() -> AsyncIterator[bytes]:
+        try:
+            yield b"first"
+            await asyncio.sleep(3600)
+            yield b"never"
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def handler(request: Request) -> Response:
+        return Response(200, forever())
+
+    async def scenario() -> None:
+        async with serving(handler) as server:
+            client = await Client.open(server)
+            client.send("GET", "/stream")
+            await client.event()
+            assert (await client.event()).data == b"first"
+            client.close()
+            await asyncio.wait_for(cancelled.wait(), WAIT_S)
+            while server.connection_count:
+                await asyncio.sleep(0.01)
+
+    run(scenario())
+
+
+def test_client_disconnect_cancels_a_slow_handler() -> None:
+    cancelled = asyncio.Event()
+
+    async def handler(request: Request) -> Response:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return Response(200)
+
+    async def scenario() -> None:
+        async with serving(handler) as server:
+            client = await Client.open(server)
+            client.send("GET", "/slow")
+            await asyncio.sleep(0.05)
+            client.close()
+            await asyncio.wait_for(cancelled.wait(), WAIT_S)
+            await asyncio.wait_for(server.wait_connections_closed(), WAIT_S)
+
+    run(scenario())
+
+
+def test_pipelined_requests_are_answered_in_order() -> None:
+    async def scenario() -> None:
+        async with serving() as server:
+            req = b"GET /%d HTTP/1.1\r\nhost: t\r\n\r\n"
+            last = b"GET /3 HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n"
+            received = await raw_exchange(server, req % 1 + req % 2 + last)
+            assert received.count(b"HTTP/1.1 200") == 3
+            assert received.index(b"GET /1") < received.index(b"GET /2") < received.index(b"GET /3")
+
+    run(scenario())
+
+
+def test_close_stops_accepting_and_ends_idle_keep_alive() -> None:
+    async def scenario() -> None:
+        server = await start_server(echo, "127.0.0.1", 0)
+        port = server.port
+        client = await Client.open(server)
+        client.send("GET", "/")
+        await client.response()
+        server.close()
+        await server.wait_closed()
+        assert await client.closed_by_server()
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", port)
+
+    run(scenario())

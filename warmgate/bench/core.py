@@ -1,0 +1,316 @@
+"""The benchmark core: start an upstream under a readiness strategy, wait for Ready,
+then send the held-out mix once (first) and again with fresh text (warm).
+
+Strategies, each on a fresh upstream process with a fresh compile cache:
+  health     Ready when the upstream's /health says 200 (a plain readinessProbe)
+  warmup.sh  /health, then the reference documents' three chat requests of
+             100/500/1000 words, max_tokens 50, errors thrown away as the script does
+  warmgate   `warmgate run -- <upstream>`, Ready when warmgate's /ready says 200
+  plan       as warmgate, with a user plan (--plan)
+
+The first/warm ratio of each held-out request is its first latency over the median of
+`warm_runs` later runs with fresh text (fresh, so the prefix cache cannot flatter them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from warmgate.bench import HeldoutRequest, load_heldout
+
+STRATEGIES = ("health", "warmup.sh", "warmgate", "plan")
+# Words for held-out prompts: deliberately not the warm-up plan's vocabulary.
+_BENCH_WORDS = """
+    river stone lantern harbor meadow signal copper window orchard ladder winter
+    compass thunder velvet garden mirror canyon feather silver market engine
+    blanket pepper island rocket button marble candle forest planet summer shadow
+    violin helmet carpet saddle wagon tunnel basket kettle puzzle anchor bridge
+""".split()
+_WARMUP_SH_WORDS = (100, 500, 1000)
+
+
+@dataclass(slots=True)
+class Upstream:
+    """How to start the server under test on a given port."""
+
+    argv: list[str]  # without --host/--port
+    env: dict[str, str] = field(default_factory=dict)
+    name: str = "sim"
+
+    def command(self, port: int) -> list[str]:
+        return [*self.argv, "--host", "127.0.0.1", "--port", str(port)]
+
+
+def sim_upstream(extra: Sequence[str] = ()) -> Upstream:
+    return Upstream([sys.executable, "-m", "warmgate", "sim", *extra], name="sim")
+
+
+def command_upstream(command: str, name: str = "command") -> Upstream:
+    """A server started by a command line of the user's (e.g. the real-vLLM script's)."""
+    words = shlex.split(command)
+    env = {}
+    while words and "=" in words[0] and not words[0].startswith("-"):
+        key, value = words.pop(0).split("=", 1)
+        env[key] = value
+    if words and words[0] == "env":
+        words.pop(0)
+        while words and "=" in words[0]:
+            key, value = words.pop(0).split("=", 1)
+            env[key] = value
+    return Upstream(words, env, name)
+
+
+@dataclass(slots=True)
+class Measured:
+    name: str
+    first_ms: float | None = None
+    warm_ms: list[float] = field(default_factory=list)
+    first_cost_ms: float | None = None  # the simulator's own report, when present
+    error: str | None = None
+
+    @property
+    def warm_median(self) -> float | None:
+        return statistics.median(self.warm_ms) if self.warm_ms else None
+
+    @property
+    def ratio(self) -> float | None:
+        warm = self.warm_median
+        return self.first_ms / warm if self.first_ms is not None and warm else None
+
+
+@dataclass(slots=True)
+class Outcome:
+    strategy: str
+    spawn_to_healthy_s: float | None = None
+    spawn_to_ready_s: float | None = None
+    requests: list[Measured] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def max_ratio(self) -> float | None:
+        ratios = [m.ratio for m in self.requests if m.ratio is not None]
+        return max(ratios) if ratios else None
+
+    @property
+    def worst(self) -> str:
+        rated = [m for m in self.requests if m.ratio is not None]
+        return max(rated, key=lambda m: m.ratio or 0).name if rated else "-"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def run_strategy(
+    strategy: str,
+    upstream: Upstream,
+    *,
+    plan: Path | None = None,
+    warm_runs: int = 3,
+    ready_timeout: float = 1500.0,
+    warmgate_args: Sequence[str] = (),
+    log_dir: Path | None = None,
+) -> Outcome:
+    """One fresh upstream under one strategy: time to Ready, then the held-out mix."""
+    outcome = Outcome(strategy)
+    port = free_port()
+    probe_port = free_port() if strategy in ("warmgate", "plan") else None
+    argv = upstream.command(port)
+    if probe_port is not None:
+        extra = [*warmgate_args, *(["--plan", str(plan)] if strategy == "plan" and plan else [])]
+        argv = [sys.executable, "-m", "warmgate", "run", "--host", "127.0.0.1", "--port", str(probe_port),
+                "--log-format", "json", *extra, "--", *argv]
+    with tempfile.TemporaryDirectory(prefix="warmgate-bench-") as cache:
+        env = {**os.environ, **upstream.env, **_fresh_cache_env(cache)}
+        log = open(log_dir / f"{strategy}.log", "wb") if log_dir else subprocess.DEVNULL  # noqa: SIM115
+        began = time.monotonic()
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log, start_new_session=True)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            async with httpx.AsyncClient(timeout=600.0, trust_env=False) as client:
+                await _until_ok(client, f"{base}/health", proc, ready_timeout)
+                outcome.spawn_to_healthy_s = time.monotonic() - began
+                model, context = await _model(client, base)
+                if strategy == "warmup.sh":
+                    await _warmup_sh(client, base, model)
+                elif probe_port is not None:
+                    await _until_ok(client, f"http://127.0.0.1:{probe_port}/ready", proc, ready_timeout)
+                outcome.spawn_to_ready_s = time.monotonic() - began
+                outcome.requests = await _mix(client, base, model, context, warm_runs)
+        except (RuntimeError, httpx.HTTPError, TimeoutError) as exc:
+            outcome.error = str(exc) or type(exc).__name__
+        finally:
+            _stop(proc)
+            if log_dir:
+                log.close()  # type: ignore[union-attr]
+    return outcome
+
+
+def _fresh_cache_env(root: str) -> dict[str, str]:
+    """Point every compile cache at an empty directory: each start is a cold start."""
+    return {
+        "VLLM_CACHE_ROOT": f"{root}/vllm",
+        "TRITON_CACHE_DIR": f"{root}/triton",
+        "TORCHINDUCTOR_CACHE_DIR": f"{root}/inductor",
+        "CUDA_CACHE_PATH": f"{root}/cuda",
+        "FLASHINFER_WORKSPACE_BASE": f"{root}/flashinfer",
+    }
+
+
+async def _until_ok(client: httpx.AsyncClient, url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode} before {url} said 200")
+        try:
+            if (await client.get(url, timeout=2.0)).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"{url} not 200 within {timeout:g} s")
+
+
+async def _model(client: httpx.AsyncClient, base: str) -> tuple[str, int]:
+    data = (await client.get(f"{base}/v1/models")).json()["data"][0]
+    return str(data["id"]), int(data.get("max_model_len") or 2048)
+
+
+async def _warmup_sh(client: httpx.AsyncClient, base: str, model: str) -> None:
+    """The reference warmup.sh: three sequential chat requests; failures ignored, as it does."""
+    for words in _WARMUP_SH_WORDS:
+        text = " ".join(random.choices(_BENCH_WORDS, k=words))
+        body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 50}
+        try:
+            await client.post(f"{base}/v1/chat/completions", json=body)
+        except httpx.HTTPError:
+            pass
+
+
+async def _tokens_per_word(client: httpx.AsyncClient, base: str, model: str) -> float:
+    text = " ".join(_BENCH_WORDS * 4)
+    try:
+        reply = await client.post(f"{base}/tokenize", json={"model": model, "prompt": text})
+        return max(0.5, int(reply.json()["count"]) / (len(_BENCH_WORDS) * 4))
+    except (httpx.HTTPError, ValueError, KeyError):
+        return 1.5
+
+
+async def _mix(client: httpx.AsyncClient, base: str, model: str, context: int, warm_runs: int) -> list[Measured]:
+    rate = await _tokens_per_word(client, base, model)
+    mix = load_heldout()
+    results = [Measured(r.name) for r in mix]
+    for request, measured in zip(mix, results, strict=True):
+        first = await _send(client, base, model, request, rate, context)
+        if isinstance(first, str):
+            measured.error = first
+            continue
+        measured.first_ms, measured.first_cost_ms = first
+    for _ in range(warm_runs):
+        for request, measured in zip(mix, results, strict=True):
+            if measured.error is None:
+                warm = await _send(client, base, model, request, rate, context)
+                if isinstance(warm, str):
+                    measured.error = warm
+                else:
+                    measured.warm_ms.append(warm[0])
+    return results
+
+
+async def _send(
+    client: httpx.AsyncClient, base: str, model: str, request: HeldoutRequest, rate: float, context: int
+) -> tuple[float, float | None] | str:
+    """`concurrency` copies at once, each with fresh text; (wall ms, simulated cost ms) or an error."""
+    words = max(1, int(min(request.prompt_tokens, context - request.max_tokens - 64) / rate))
+    bodies = [request.render(" ".join(random.choices(_BENCH_WORDS, k=words)), model)
+              for _ in range(request.concurrency)]
+    began = time.perf_counter()
+    replies = await asyncio.gather(*(client.post(f"{base}{request.endpoint}", json=b) for b in bodies))
+    ms = (time.perf_counter() - began) * 1000
+    bad = [r for r in replies if r.status_code != 200]
+    if bad:
+        return f"HTTP {bad[0].status_code}: {bad[0].text[:160]}"
+    costs = [float(r.headers["x-sim-cost-ms"]) for r in replies if "x-sim-cost-ms" in r.headers]
+    return ms, max(costs) if costs else None
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def report(outcomes: Sequence[Outcome]) -> str:
+    """Markdown: one summary row per strategy, then first/warm per held-out request."""
+    lines = [
+        "| strategy | spawn→healthy s | spawn→Ready s | max first/warm | worst request | error |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    for o in outcomes:
+        lines.append(
+            f"| {o.strategy} | {_fmt(o.spawn_to_healthy_s)} | {_fmt(o.spawn_to_ready_s)} | "
+            f"{_fmt(o.max_ratio, 2)} | {o.worst} | {o.error or ''} |"
+        )
+    names = [m.name for m in outcomes[0].requests] if outcomes else []
+    if names:
+        lines += ["", "| held-out request | " + " | ".join(o.strategy for o in outcomes) + " |",
+                  "|---|" + "---:|" * len(outcomes)]
+        for i, name in enumerate(names):
+            cells = []
+            for o in outcomes:
+                m = o.requests[i] if i < len(o.requests) else None
+                cells.append(_cell(m))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(m: Measured | None) -> str:
+    if m is None:
+        return "-"
+    if m.error:
+        return "error"
+    return f"{_fmt(m.ratio, 2)} ({_fmt(m.first_ms, 0)}/{_fmt(m.warm_median, 0)} ms)"
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def as_json(outcomes: Sequence[Outcome]) -> list[dict[str, Any]]:
+    return [
+        {
+            "strategy": o.strategy,
+            "spawn_to_healthy_s": o.spawn_to_healthy_s,
+            "spawn_to_ready_s": o.spawn_to_ready_s,
+            "max_ratio": o.max_ratio,
+            "error": o.error,
+            "requests": [
+                {"name": m.name, "first_ms": m.first_ms, "warm_ms": m.warm_ms, "ratio": m.ratio,
+                 "first_cost_ms": m.first_cost_ms, "error": m.error}
+                for m in o.requests
+            ],
+        }
+        for o in outcomes
+    ]

@@ -1,0 +1,46 @@
+"""`warmgate bench`: run the strategies one after another and print the report."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shlex
+from pathlib import Path
+
+from warmgate.bench.core import STRATEGIES, Outcome, as_json, command_upstream, report, run_strategy, sim_upstream
+from warmgate.errors import WarmgateError
+
+
+def bench_main(
+    command: str | None,
+    sim_args: str,
+    strategies: str,
+    plan: Path | None,
+    warm_runs: int,
+    warmgate_args: str,
+    out: Path | None,
+) -> int:
+    chosen = [s.strip() for s in strategies.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in STRATEGIES]
+    if unknown or not chosen:
+        raise WarmgateError(f"--strategies {strategies!r}: choose from {', '.join(STRATEGIES)}")
+    if "plan" in chosen and plan is None:
+        raise WarmgateError("the plan strategy needs --plan FILE")
+    upstream = command_upstream(command) if command else sim_upstream(shlex.split(sim_args))
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    outcomes: list[Outcome] = []
+    for strategy in chosen:
+        outcome = asyncio.run(
+            run_strategy(strategy, upstream, plan=plan, warm_runs=warm_runs,
+                         warmgate_args=shlex.split(warmgate_args), log_dir=out)
+        )
+        outcomes.append(outcome)
+        print(f"# {strategy}: ready in {outcome.spawn_to_ready_s or 0:.1f} s, "
+              f"max first/warm {outcome.max_ratio or 0:.2f}", flush=True)
+    text = report(outcomes)
+    print(text)
+    if out is not None:
+        (out / "report.md").write_text(text + "\n")
+        (out / "report.json").write_text(json.dumps(as_json(outcomes), indent=2) + "\n")
+    return 0 if all(o.error is None for o in outcomes) else 1

@@ -1,0 +1,412 @@
+"""The readiness lifecycle: a pure state machine, no I/O.
+
+The supervisor feeds it events (child spawned, health ok/failed, warm-up finished,
+SIGTERM, ...) with the current time, and acts on the returned `Decision`. The probe
+server asks it the three probe questions (`ready_ok`, `startup_ok`, `live_ok`).
+
+    starting --ChildSpawned--> loading --HealthOk--> warming --WarmupFinished--> ready
+    ready --HealthFailed x threshold--> unhealthy --HealthOk--> ready
+    ready|unhealthy --Sigterm--> draining --DrainDone/ChildExited--> stopped
+    starting|loading|warming --Sigterm--> draining (SIGTERM forwarded at once, no drain)
+    warm-up failure (policy "fail"), startup timeout, unexpected child exit --> failed
+
+Every phase change is checked against `ALLOWED` below, the one table of legal moves.
+
+Choices worth knowing:
+- `draining` means "shutting down": /ready answers 503 and later health or warm-up
+  reports are ignored. A pod that was Ready drains first (START_DRAIN, then
+  FORWARD_SIGTERM on DrainDone); one that never was forwards SIGTERM at once.
+- ChildExited after warmgate asked the child to stop (draining) -> `stopped`; any other
+  exit, before or after Ready, is a crash -> `failed`. Either way the supervisor exits
+  with `exit_code`, which is the child's status (see that property for the one exception).
+- `failed` is terminal: the child is told to stop (FORWARD_SIGTERM) and EXIT follows
+  once it has exited.
+- A stop decided before ChildSpawned (a SIGTERM racing the spawn) is carried out
+  when ChildSpawned arrives: that Decision says FORWARD_SIGTERM.
+- Plain-init mode (no upstream, warmgate only as tini) has no Lifecycle: the supervisor
+  simply does not create one.
+
+Times are seconds on one clock of the caller's choosing (monotonic is best); they are
+only subtracted from each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Literal, TypeAlias
+
+__all__ = [
+    "ALLOWED",
+    "Action",
+    "ChildExited",
+    "ChildSpawned",
+    "Decision",
+    "DrainDone",
+    "Event",
+    "HealthFailed",
+    "HealthOk",
+    "Lifecycle",
+    "LifecycleError",
+    "OnWarmupFailure",
+    "Phase",
+    "Sigterm",
+    "StartupTimedOut",
+    "Transition",
+    "WarmupFinished",
+]
+
+
+class Phase(StrEnum):
+    STARTING = "starting"  # Lifecycle created; the child is being spawned
+    LOADING = "loading"  # child runs; upstream /health not ok yet
+    WARMING = "warming"  # upstream healthy; warm-up plan running
+    READY = "ready"  # warm; /ready answers 200
+    UNHEALTHY = "unhealthy"  # was ready; health failing (/ready 503)
+    DRAINING = "draining"  # shutting down after SIGTERM
+    STOPPED = "stopped"  # child exited after we asked it to stop
+    FAILED = "failed"  # startup failed or the child crashed
+
+
+P = Phase
+# The only legal phase changes. `_move` checks every change against it, so a wrong
+# target in a handler raises at once instead of producing a strange /status.
+ALLOWED: dict[Phase, frozenset[Phase]] = {
+    P.STARTING: frozenset({P.LOADING, P.DRAINING, P.FAILED}),
+    P.LOADING: frozenset({P.WARMING, P.DRAINING, P.FAILED}),
+    P.WARMING: frozenset({P.READY, P.DRAINING, P.FAILED}),
+    P.READY: frozenset({P.UNHEALTHY, P.DRAINING, P.FAILED}),
+    P.UNHEALTHY: frozenset({P.READY, P.DRAINING, P.FAILED}),
+    P.DRAINING: frozenset({P.STOPPED}),
+    P.STOPPED: frozenset(),
+    P.FAILED: frozenset(),
+}
+_BEFORE_READY = frozenset({P.STARTING, P.LOADING, P.WARMING})
+_SERVING = frozenset({P.READY, P.UNHEALTHY})
+
+
+class Action(StrEnum):
+    """What the supervisor must do next, in the order given."""
+
+    START_WARMUP = "start_warmup"  # run the warm-up plan; report WarmupFinished
+    CANCEL_WARMUP = "cancel_warmup"  # abandon the warm-up in progress
+    START_DRAIN = "start_drain"  # /ready is 503 now; wait the drain period, report DrainDone
+    CANCEL_DRAIN = "cancel_drain"  # skip the rest of the drain wait (second SIGTERM)
+    FORWARD_SIGTERM = "forward_sigterm"  # send SIGTERM to the child (process layer escalates)
+    EXIT = "exit"  # the child is gone: exit with `Lifecycle.exit_code`
+
+
+# --- events -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChildSpawned:
+    pid: int
+
+
+@dataclass(frozen=True)
+class HealthOk:
+    pass
+
+
+@dataclass(frozen=True)
+class HealthFailed:
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class WarmupFinished:
+    ok: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Sigterm:
+    pass
+
+
+@dataclass(frozen=True)
+class DrainDone:
+    pass
+
+
+@dataclass(frozen=True)
+class ChildExited:
+    status: int  # as the supervisor would exit: the exit code, or 128+N if killed by signal N
+
+
+@dataclass(frozen=True)
+class StartupTimedOut:
+    pass
+
+
+Event: TypeAlias = (
+    ChildSpawned
+    | HealthOk
+    | HealthFailed
+    | WarmupFinished
+    | Sigterm
+    | DrainDone
+    | ChildExited
+    | StartupTimedOut
+)
+
+
+@dataclass(frozen=True)
+class Transition:
+    phase: Phase
+    at: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The answer to one event. `changed` is True when the phase moved."""
+
+    phase: Phase
+    changed: bool = False
+    actions: tuple[Action, ...] = ()
+    note: str = ""  # why, for the log; a warning when something was accepted anyway
+
+
+class LifecycleError(RuntimeError):
+    """An event that can only come from a bug in the caller (e.g. two children)."""
+
+
+OnWarmupFailure = Literal["fail", "ready"]
+
+
+class Lifecycle:
+    """Readiness state machine; see the module docstring for the rules."""
+
+    def __init__(
+        self,
+        now: float,
+        *,
+        unhealthy_threshold: int = 3,
+        live_grace: float = 300.0,
+        on_warmup_failure: OnWarmupFailure = "fail",
+    ) -> None:
+        if unhealthy_threshold < 1:
+            raise ValueError(f"unhealthy_threshold must be >= 1, got {unhealthy_threshold}")
+        if live_grace < 0:
+            raise ValueError(f"live_grace must be >= 0 seconds, got {live_grace}")
+        if on_warmup_failure not in ("fail", "ready"):
+            raise ValueError(
+                f"on_warmup_failure must be 'fail' or 'ready', not {on_warmup_failure!r}")
+        self.unhealthy_threshold = unhealthy_threshold
+        self.live_grace = live_grace
+        self.on_warmup_failure: OnWarmupFailure = on_warmup_failure
+        self._transitions: list[Transition] = [Transition(P.STARTING, now, "created")]
+        self.child_pid: int | None = None
+        self.child_status: int | None = None
+        self.health_failures = 0  # consecutive
+        self.ready_since: float | None = None  # first time Ready; startup_ok from then on
+        self.unhealthy_since: float | None = None
+        self.failure: str | None = None  # why `failed`, for /status and the exit code
+        self._drain_pending = False  # START_DRAIN issued, DrainDone not yet seen
+        self._startup_failed = False  # failed by warmgate's own decision, not a crash
+
+    # --- queries ------------------------------------------------------------------
+
+    @property
+    def phase(self) -> Phase:
+        return self._transitions[-1].phase
+
+    @property
+    def transitions(self) -> tuple[Transition, ...]:
+        return tuple(self._transitions)
+
+    def time_in_phase(self, now: float) -> float:
+        return max(0.0, now - self._transitions[-1].at)
+
+    def ready_ok(self) -> bool:
+        """/ready: 200 only while Ready."""
+        return self.phase is P.READY
+
+    def startup_ok(self) -> bool:
+        """/startup: true once the first warm-up was accepted (Ready reached); never goes back."""
+        return self.ready_since is not None
+
+    def live_ok(self, now: float) -> bool:
+        """/live: false only once the upstream has been unhealthy past `live_grace`."""
+        if self.phase is not P.UNHEALTHY or self.unhealthy_since is None:
+            return True
+        return now - self.unhealthy_since <= self.live_grace
+
+    @property
+    def exit_code(self) -> int | None:
+        """The supervisor's exit status once the child is gone, else None.
+
+        The child's status, except that a startup warmgate itself failed (warm-up
+        failure, startup timeout) never exits 0: the pod must not look like a clean stop.
+        """
+        if self.child_status is None:
+            return None
+        if self._startup_failed and self.child_status == 0:
+            return 1
+        return self.child_status
+
+    def snapshot(self, now: float) -> dict[str, object]:
+        """Everything /status shows, as plain JSON-able values."""
+        return {
+            "phase": self.phase.value,
+            "time_in_phase_s": round(self.time_in_phase(now), 3),
+            "ready": self.ready_ok(),
+            "started": self.startup_ok(),
+            "live": self.live_ok(now),
+            "health_failures": self.health_failures,
+            "child_pid": self.child_pid,
+            "child_status": self.child_status,
+            "failure": self.failure,
+            "transitions": [
+                {"phase": t.phase.value, "at": t.at, "reason": t.reason}
+                for t in self._transitions
+            ],
+        }
+
+    # --- events -------------------------------------------------------------------
+
+    def handle(self, event: Event, now: float) -> Decision:
+        """Apply one event at time `now` and say what must happen next.
+
+        Events that do not apply in the current phase (a late health report while
+        draining, say) return an unchanged Decision with no actions. Events that can
+        only come from a caller bug raise LifecycleError.
+        """
+        match event:
+            case ChildSpawned(pid=pid):
+                return self._child_spawned(pid, now)
+            case HealthOk():
+                return self._health_ok(now)
+            case HealthFailed(reason=reason):
+                return self._health_failed(reason, now)
+            case WarmupFinished(ok=ok, detail=detail):
+                return self._warmup_finished(ok, detail, now)
+            case Sigterm():
+                return self._sigterm(now)
+            case DrainDone():
+                return self._drain_done()
+            case ChildExited(status=status):
+                return self._child_exited(status, now)
+            case StartupTimedOut():
+                return self._startup_timed_out(now)
+        raise TypeError(f"not a lifecycle event: {event!r}")
+
+    def _child_spawned(self, pid: int, now: float) -> Decision:
+        if self.child_pid is not None or self.child_status is not None:
+            raise LifecycleError(f"ChildSpawned(pid={pid}): one child only")
+        if self.phase is P.STARTING:
+            self.child_pid = pid
+            return self._move(P.LOADING, now, f"child pid {pid} spawned")
+        if self.phase in (P.DRAINING, P.FAILED):
+            # Stop was decided while the spawn was in flight: stop the child now it exists.
+            self.child_pid = pid
+            return Decision(self.phase, False, (Action.FORWARD_SIGTERM,), "stopping late child")
+        raise LifecycleError(f"ChildSpawned(pid={pid}) in {self.phase.value}")
+
+    def _health_ok(self, now: float) -> Decision:
+        self.health_failures = 0
+        if self.phase is P.LOADING:
+            return self._move(P.WARMING, now, "upstream healthy", Action.START_WARMUP)
+        if self.phase is P.UNHEALTHY:
+            self.unhealthy_since = None
+            return self._move(P.READY, now, "upstream healthy again")
+        return self._same()
+
+    def _health_failed(self, reason: str, now: float) -> Decision:
+        if self.phase not in (P.LOADING, P.WARMING, P.READY, P.UNHEALTHY):
+            return self._same()
+        self.health_failures += 1
+        # Before Ready a failing /health just means "still loading"; the startup
+        # timeout, not the threshold, bounds that wait.
+        if self.phase is P.READY and self.health_failures >= self.unhealthy_threshold:
+            self.unhealthy_since = now
+            why = f"health failed {self.health_failures} times in a row"
+            return self._move(P.UNHEALTHY, now, f"{why}: {reason}" if reason else why)
+        return self._same()
+
+    def _warmup_finished(self, ok: bool, detail: str, now: float) -> Decision:
+        if self.phase in (P.STARTING, P.LOADING, P.READY, P.UNHEALTHY):
+            raise LifecycleError(f"WarmupFinished in {self.phase.value}: no warm-up was running")
+        if self.phase is not P.WARMING:
+            return self._same()  # a cancelled warm-up reporting late
+        if ok:
+            return self._to_ready(now, "warm-up finished")
+        why = f"warm-up failed: {detail}" if detail else "warm-up failed"
+        if self.on_warmup_failure == "ready":
+            return self._to_ready(now, f"{why}; serving anyway (on_warmup_failure=ready)")
+        return self._fail(now, why, Action.FORWARD_SIGTERM, startup=True)
+
+    def _sigterm(self, now: float) -> Decision:
+        if self.phase in _SERVING:
+            self._drain_pending = True
+            return self._move(P.DRAINING, now, "SIGTERM: draining", Action.START_DRAIN)
+        if self.phase in _BEFORE_READY:
+            actions = [Action.FORWARD_SIGTERM] if self.child_pid is not None else []
+            if self.phase is P.WARMING:
+                actions.insert(0, Action.CANCEL_WARMUP)
+            return self._move(P.DRAINING, now, "SIGTERM before ready: stopping", *actions)
+        if self.phase is P.DRAINING and self._drain_pending:
+            self._drain_pending = False
+            return Decision(self.phase, False, (Action.CANCEL_DRAIN, Action.FORWARD_SIGTERM),
+                            "second SIGTERM: drain skipped, stopping now")
+        child_running = self.child_pid is not None and self.child_status is None
+        if self.phase in (P.DRAINING, P.FAILED) and child_running:
+            # Like tini: each further SIGTERM reaches the child, which may shorten its own exit.
+            return Decision(self.phase, False, (Action.FORWARD_SIGTERM,), "SIGTERM forwarded again")
+        return self._same()
+
+    def _drain_done(self) -> Decision:
+        if not self._drain_pending:
+            return self._same()  # the drain was skipped, or the child already left
+        self._drain_pending = False
+        return Decision(self.phase, False, (Action.FORWARD_SIGTERM,), "drain done")
+
+    def _child_exited(self, status: int, now: float) -> Decision:
+        if self.child_status is not None:
+            raise LifecycleError(f"ChildExited({status}) in {self.phase.value}: no child running")
+        self.child_status = status
+        actions: list[Action] = []
+        if self._drain_pending:
+            self._drain_pending = False
+            actions.append(Action.CANCEL_DRAIN)
+        actions.append(Action.EXIT)
+        if self.phase is P.DRAINING:
+            return self._move(P.STOPPED, now, f"child exited with {status}", *actions)
+        if self.phase is P.FAILED:
+            return Decision(self.phase, False, tuple(actions), f"child exited with {status}")
+        if self.phase is P.WARMING:
+            actions.insert(0, Action.CANCEL_WARMUP)
+        return self._fail(now, f"child exited unexpectedly with {status}", *actions)
+
+    def _startup_timed_out(self, now: float) -> Decision:
+        if self.phase not in _BEFORE_READY:
+            return self._same()  # Ready (or stopping) won the race
+        actions = [Action.FORWARD_SIGTERM] if self.child_pid is not None else []
+        if self.phase is P.WARMING:
+            actions.insert(0, Action.CANCEL_WARMUP)
+        why = f"startup timed out while {self.phase.value}"
+        return self._fail(now, why, *actions, startup=True)
+
+    # --- helpers ------------------------------------------------------------------
+
+    def _to_ready(self, now: float, reason: str) -> Decision:
+        if self.ready_since is None:
+            self.ready_since = now
+        self.health_failures = 0  # the threshold counts failures after Ready only
+        return self._move(P.READY, now, reason)
+
+    def _fail(self, now: float, reason: str, *actions: Action, startup: bool = False) -> Decision:
+        self.failure = reason
+        self._startup_failed = startup
+        return self._move(P.FAILED, now, reason, *actions)
+
+    def _move(self, to: Phase, now: float, reason: str, *actions: Action) -> Decision:
+        if to not in ALLOWED[self.phase]:
+            raise LifecycleError(f"illegal transition {self.phase.value} -> {to.value}")
+        self._transitions.append(Transition(to, now, reason))
+        return Decision(to, True, actions, reason)
+
+    def _same(self) -> Decision:
+        return Decision(self.phase)

@@ -1,0 +1,828 @@
+"""The warm-up plan: a pure function of the settings and what the upstream reported.
+
+A *shape family* is (endpoint, streaming, sampling feature, prompt-length octave,
+concurrency bucket). Engines specialise kernels on combinations of these (sampling
+path x batch size, logprobs x prefill length), so a plan that varies one factor at a
+time around a base request misses most of them, and the full cross product is far too
+big. The default plan for a generating model is a *pairwise covering*: every pair of
+levels of two different factors appears in at least one shape. For max_model_len 2048
+and the default settings that is 9 lengths x 8 features x 4 buckets x 2 endpoints x
+2 stream modes -> 72 shapes (the lower bound: 9 x 8 pairs of the two biggest factors).
+
+Two pairs are never planned because they are invalid or unbounded:
+- prompt_logprobs with stream=True (vLLM refuses it);
+- prompt length x concurrency above `max_inflight_tokens` (long-context models would
+  otherwise warm up with millions of prompt tokens at once).
+
+Prompts are fresh for every request (the prefix cache would otherwise make warm
+timings look up to 8x too good): token-id lists when the upstream has /tokenize, exact
+in length; otherwise text at a measured tokens-per-word rate. Chat prompts are always
+text and stay below the length cap with room for the chat template.
+
+The module does no I/O: the shell reads files and talks to the upstream, then calls
+`build_plan`, `body_for`, the prompt helpers and `Convergence`.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import random
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = [
+    "DEFAULT_TOKENS_PER_WORD",
+    "ENDPOINTS",
+    "FEATURES",
+    "WORDS",
+    "Convergence",
+    "ModelInfo",
+    "Plan",
+    "PlanError",
+    "PlanFileSpec",
+    "PlanSettings",
+    "ReplaySpec",
+    "Shape",
+    "ShapeSpec",
+    "UpstreamInfo",
+    "body_for",
+    "build_plan",
+    "covering_rows",
+    "length_levels",
+    "parse_plan_file",
+    "prompt_text",
+    "prompt_token_ids",
+]
+
+Body = dict[str, Any]
+PromptKind = Literal["tokens", "text", "recorded"]
+
+
+class PlanError(ValueError):
+    """The plan cannot be built; the message names the input and the fix."""
+
+
+# --- vocabulary -------------------------------------------------------------------
+
+ENDPOINTS: dict[str, str] = {
+    "completions": "/v1/completions",
+    "chat": "/v1/chat/completions",
+    "embeddings": "/v1/embeddings",
+    "classify": "/classify",
+}
+_GENERATE = ("completions", "chat")
+_POOLING_ENDPOINT = {"embed": "embeddings", "classify": "classify"}  # model kind -> endpoint
+
+# Sampling feature -> body fields (completions, chat). Each one takes a different path
+# through the sampler or the output processor.
+_FEATURE_FIELDS: dict[str, tuple[Body, Body]] = {
+    "greedy": ({"temperature": 0.0}, {"temperature": 0.0}),
+    "sampling": (
+        {"temperature": 0.8, "top_p": 0.95, "top_k": 40},
+        {"temperature": 0.8, "top_p": 0.95, "top_k": 40},
+    ),
+    "penalties": (
+        {"presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.1},
+        {"presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.1},
+    ),
+    "seed": ({"temperature": 0.8, "seed": 1234}, {"temperature": 0.8, "seed": 1234}),
+    "n": ({"n": 2, "temperature": 0.8}, {"n": 2, "temperature": 0.8}),
+    "logprobs": ({"logprobs": 5}, {"logprobs": True, "top_logprobs": 5}),
+    "prompt_logprobs": ({"prompt_logprobs": 1}, {"prompt_logprobs": 1}),
+    "json": (
+        {"response_format": {"type": "json_object"}},
+        {"response_format": {"type": "json_object"}},
+    ),
+}
+FEATURES: tuple[str, ...] = tuple(_FEATURE_FIELDS)
+_NO_STREAM_FEATURES = frozenset({"prompt_logprobs"})  # vLLM: not available with stream=True
+
+DEFAULT_TOKENS_PER_WORD = 1.5  # on the high side, so text prompts come out short, not long
+DEFAULT_MAX_MODEL_LEN = 2048  # when neither the upstream nor the settings say
+_TEMPLATE_TOKENS = 32  # room for the chat template / special tokens around text prompts
+_TEXT_SLACK = 0.10  # text prompts miss their target by up to this much
+
+# Common words for text prompts (and, tokenized once by the shell, the vocabulary of
+# token-id prompts: ordinary tokens only, never special or multimodal placeholders).
+_WORD_TEXT = """
+    time year people way day man thing woman life child world school state family
+    student group country problem hand part place case week company system program
+    question work government number night point home water room mother area money
+    story fact month lot right study book eye job word business issue side kind head
+    house service friend father power hour game line end member law car city community
+    name president team minute idea kid body information back parent face others level
+    office door health person art war history party result change morning reason
+    research girl guy moment air teacher force education foot boy age policy process
+    music market sense nation plan college interest death experience effect use class
+    control care field development role effort rate heart drug show leader light voice
+    wife police mind price report decision son view relationship town road arm
+    difference value building action model season society tax director position player
+    record paper space ground form event official matter center couple site project
+    activity star table need court oil situation cost industry figure street image
+    phone data picture practice piece land product doctor wall patient worker news test
+    movie north love support technology step baby computer type attention film tree
+    source organization hair window evidence population site river bank garden summer
+    little small large green simple early quiet bright open careful strong gentle
+"""
+WORDS: tuple[str, ...] = tuple(dict.fromkeys(_WORD_TEXT.split()))
+
+
+# --- inputs -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One entry of the upstream's /v1/models."""
+
+    id: str
+    max_model_len: int | None = None
+    kind: str = "generate"  # "generate", "embed", "classify"; anything else is skipped
+    is_lora: bool = False
+
+
+@dataclass(frozen=True)
+class UpstreamInfo:
+    """What the upstream reported before warm-up."""
+
+    models: tuple[ModelInfo, ...]
+    has_tokenize: bool = False
+    tokens_per_word: float | None = None  # measured via /tokenize on WORDS, if available
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    """A [[shape]] table of a plan file."""
+
+    where: str  # "plan.toml [[shape]] #2", for error messages
+    endpoint: str  # a key of ENDPOINTS
+    prompt_tokens: int
+    stream: bool = False
+    feature: str | None = None  # None: greedy (generation) / plain (pooling)
+    concurrency: int = 1
+    max_tokens: int | None = None  # None: PlanSettings.max_tokens
+    model: str | None = None  # None: the first planned model that serves the endpoint
+    body: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
+class ReplaySpec:
+    """One recorded request body from a replay JSONL file."""
+
+    where: str  # "recorded.jsonl:3"
+    endpoint: str  # a key of ENDPOINTS
+    body: Mapping[str, Any] = field(hash=False)
+    concurrency: int = 1
+
+
+@dataclass(frozen=True)
+class PlanFileSpec:
+    """A parsed --plan file."""
+
+    source: str
+    mode: Literal["extend", "replace"] = "extend"
+    shapes: tuple[ShapeSpec, ...] = ()
+    replay: tuple[ReplaySpec, ...] = ()
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """Everything about the plan that comes from flags, env or the plan file."""
+
+    max_tokens: int = 16
+    concurrency: tuple[int, ...] = (1, 4, 16, 64)
+    min_prompt_tokens: int = 4
+    max_inflight_tokens: int = 131_072  # prompt tokens x concurrency, per shape
+    features: tuple[str, ...] = FEATURES
+    endpoints: tuple[str, ...] = _GENERATE  # for generating models
+    stream: tuple[bool, ...] = (False, True)
+    models: tuple[str, ...] = ()  # empty: every model the upstream serves
+    max_model_len: int | None = None  # caps the upstream's value (or stands in for it)
+    converge: float = 0.10
+    min_repeats: int = 2
+    max_repeats: int = 5
+    plan_file: PlanFileSpec | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}")
+        _check(bool(self.concurrency) and all(c >= 1 for c in self.concurrency),
+               f"concurrency buckets must be >= 1, got {self.concurrency}")
+        _check(self.min_prompt_tokens >= 1,
+               f"min_prompt_tokens must be >= 1, got {self.min_prompt_tokens}")
+        _check(self.max_inflight_tokens >= 1,
+               f"max_inflight_tokens must be >= 1, got {self.max_inflight_tokens}")
+        for name in self.features:
+            _check(name in _FEATURE_FIELDS, f"unknown feature {name!r}; use {_or(FEATURES)}")
+        for name in self.endpoints:
+            _check(name in _GENERATE, f"unknown endpoint {name!r}; use {_or(_GENERATE)}")
+        _check(bool(self.stream), "stream needs at least one of false, true")
+        _check(0 < self.converge < 1, f"converge must be in (0, 1), got {self.converge}")
+        _check(1 <= self.min_repeats <= self.max_repeats,
+               f"need 1 <= min_repeats <= max_repeats, got {self.min_repeats}, {self.max_repeats}")
+        _check(self.max_model_len is None or self.max_model_len > self.max_tokens,
+               f"max_model_len {self.max_model_len} leaves no room for max_tokens")
+
+
+# --- output -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One request shape; the shell sends `concurrency` requests of it at once.
+
+    `family` is a stable, human-readable key such as "chat/stream/logprobs/len254/c4",
+    unique per (model, family). `prompt_tokens` is exact for "tokens" prompts, a target
+    for "text" prompts and 0 for "recorded" ones (replayed bodies, sent as recorded).
+    """
+
+    family: str
+    endpoint: str  # URL path
+    model: str
+    prompt_kind: PromptKind
+    prompt_tokens: int
+    concurrency: int = 1
+    stream: bool = False
+    feature: str = "greedy"
+    max_tokens: int = 0  # 0 for pooling endpoints
+    fields: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    recorded: Mapping[str, Any] | None = field(default=None, hash=False)
+
+
+@dataclass(frozen=True)
+class Plan:
+    shapes: tuple[Shape, ...]
+    warnings: tuple[str, ...] = ()
+    tokens_per_word: float = DEFAULT_TOKENS_PER_WORD  # for prompt_text
+    converge: float = 0.10
+    min_repeats: int = 2
+    max_repeats: int = 5
+
+    def convergence(self) -> Convergence:
+        """A fresh convergence tracker for one shape."""
+        return Convergence(self.converge, self.min_repeats, self.max_repeats)
+
+
+# --- building the plan --------------------------------------------------------------
+
+
+def build_plan(settings: PlanSettings, upstream: UpstreamInfo) -> Plan:
+    """The warm-up plan for these settings and this upstream; PlanError if empty."""
+    warnings: list[str] = []
+    models = _select_models(settings, upstream, warnings)
+    file = settings.plan_file
+    shapes: list[Shape] = []
+    if file is None or file.mode == "extend":
+        shapes += _default_shapes(settings, upstream, models, warnings)
+    if file is not None:
+        shapes += [_file_shape(s, settings, upstream, models) for s in file.shapes]
+        shapes += [_replay_shape(r, models, warnings) for r in file.replay]
+    shapes = _dedupe(shapes)
+    if not shapes:
+        served = ", ".join(f"{m.id} ({m.kind})" for m in upstream.models) or "none"
+        why = "".join(f"; {w}" for w in warnings)
+        raise PlanError(f"nothing to warm up: no shape fits the served models ({served}){why}; "
+                        "check --model, --plan and the model kinds")
+    text_used = any(s.prompt_kind == "text" for s in shapes)
+    if text_used and upstream.tokens_per_word is None:
+        warnings.append(f"tokens per word not measured; assuming {DEFAULT_TOKENS_PER_WORD}, "
+                        "text prompt lengths are rough")
+    return Plan(tuple(shapes), tuple(warnings), upstream.tokens_per_word or DEFAULT_TOKENS_PER_WORD,
+                settings.converge, settings.min_repeats, settings.max_repeats)
+
+
+def length_levels(limit: int, min_tokens: int) -> tuple[int, ...]:
+    """One prompt length per octave, ascending: limit, limit//2, ... while >= min_tokens.
+
+    Halving from the limit puts the top level exactly at the limit and never lands two
+    levels in one octave.
+    """
+    levels: list[int] = []
+    n = limit
+    while n >= min_tokens:
+        levels.append(n)
+        n //= 2
+    return tuple(reversed(levels))
+
+
+PairOk = Callable[[int, int, int, int], bool]
+
+
+def covering_rows(sizes: Sequence[int], pair_ok: PairOk | None = None) -> list[tuple[int, ...]]:
+    """A pairwise covering array: rows of level indices, one per factor.
+
+    Every pair (factor i at level a, factor j at level b) with pair_ok(i, a, j, b)
+    appears in some row, and no row holds a pair that is not ok. Greedy (AETG-style)
+    and deterministic: each row starts from the first uncovered pair, then every other
+    factor takes the level that covers the most new pairs, ties going to the level used
+    least so far (so levels share the rows evenly), then to the lowest index. Put the
+    factors with most levels first: the covering then needs about sizes[0] * sizes[1]
+    rows, the lower bound.
+    """
+    ok = pair_ok or (lambda i, a, j, b: True)
+    k = len(sizes)
+    uncovered = {
+        (i, a, j, b)
+        for i, j in itertools.combinations(range(k), 2)
+        for a in range(sizes[i])
+        for b in range(sizes[j])
+        if ok(i, a, j, b)
+    }
+    uses = [[0] * size for size in sizes]
+    rows: list[tuple[int, ...]] = []
+    while uncovered:
+        i, a, j, b = min(uncovered)
+        row = {i: a, j: b}
+        for f in range(k):
+            if f not in row:
+                row[f] = _best_level(f, sizes[f], row, uncovered, ok, uses[f])
+        full = tuple(row[f] for f in range(k))
+        rows.append(full)
+        for f, v in enumerate(full):
+            uses[f][v] += 1
+        uncovered -= {(i, full[i], j, full[j]) for i, j in itertools.combinations(range(k), 2)}
+    return rows
+
+
+def _best_level(f: int, size: int, row: dict[int, int],
+                uncovered: set[tuple[int, int, int, int]], ok: PairOk, uses: list[int]) -> int:
+    def fits(v: int) -> bool:
+        return all(ok(*_ordered(f, v, g, w)) for g, w in row.items())
+
+    def gain(v: int) -> int:
+        return sum(_ordered(f, v, g, w) in uncovered for g, w in row.items())
+
+    candidates = [v for v in range(size) if fits(v)]
+    if not candidates:  # only when a level has no allowed partner at all
+        raise PlanError(f"no level of factor {f} fits {row}; the plan constraints conflict")
+    return max(candidates, key=lambda v: (gain(v), -uses[v], -v))
+
+
+def _ordered(f: int, v: int, g: int, w: int) -> tuple[int, int, int, int]:
+    return (f, v, g, w) if f < g else (g, w, f, v)
+
+
+def _select_models(settings: PlanSettings, upstream: UpstreamInfo,
+                   warnings: list[str]) -> list[ModelInfo]:
+    if not upstream.models:
+        raise PlanError("the upstream lists no models in /v1/models; is it serving one?")
+    served = {m.id for m in upstream.models}
+    for name in settings.models:
+        if name not in served:
+            raise PlanError(f"--model {name!r} is not served by the upstream "
+                            f"(it serves {_or(sorted(served))})")
+    models = [m for m in upstream.models if not settings.models or m.id in settings.models]
+    for m in models:
+        if m.kind != "generate" and m.kind not in _POOLING_ENDPOINT:
+            warnings.append(f"model {m.id!r} of kind {m.kind!r}: no warm-up fits it; skipped")
+    return [m for m in models if m.kind == "generate" or m.kind in _POOLING_ENDPOINT]
+
+
+def _context(model: ModelInfo, settings: PlanSettings, warnings: list[str]) -> int:
+    if model.max_model_len is None and settings.max_model_len is None:
+        warnings.append(f"model {model.id!r} reports no max_model_len; assuming "
+                        f"{DEFAULT_MAX_MODEL_LEN} (set --max-model-len to change it)")
+        return DEFAULT_MAX_MODEL_LEN
+    known = [n for n in (model.max_model_len, settings.max_model_len) if n is not None]
+    return min(known)
+
+
+def _text_cap(limit: int) -> int:
+    """Largest text prompt target that still fits once the template and slack are added."""
+    return int((limit - _TEMPLATE_TOKENS) * (1 - _TEXT_SLACK))
+
+
+def _default_shapes(settings: PlanSettings, upstream: UpstreamInfo,
+                    models: list[ModelInfo], warnings: list[str]) -> list[Shape]:
+    shapes: list[Shape] = []
+    lora_seen = False
+    for model in models:
+        context = _context(model, settings, warnings)
+        if model.kind in _POOLING_ENDPOINT:
+            shapes += _pooling_shapes(model, context, settings, upstream)
+        elif model.is_lora:
+            shapes += _lora_shapes(model, context, settings, upstream, first=not lora_seen)
+            lora_seen = True
+        else:
+            shapes += _generate_shapes(model, context, settings, upstream, warnings)
+    return shapes
+
+
+def _generate_shapes(model: ModelInfo, context: int, settings: PlanSettings,
+                     upstream: UpstreamInfo, warnings: list[str]) -> list[Shape]:
+    limit = context - settings.max_tokens
+    lengths = length_levels(limit, settings.min_prompt_tokens)
+    features = settings.features
+    if settings.stream == (True,) and "prompt_logprobs" in features:
+        warnings.append("prompt_logprobs needs stream=false, which the settings exclude; skipped")
+        features = tuple(f for f in features if f != "prompt_logprobs")
+    endpoints = settings.endpoints
+    text_only = () if upstream.has_tokenize else ("completions",)
+    if _text_cap(limit) < settings.min_prompt_tokens:  # no room for a text prompt + template
+        endpoints = tuple(e for e in endpoints if e != "chat" and e not in text_only)
+        dropped = _or([e for e in settings.endpoints if e not in endpoints])
+        warnings.append(f"model {model.id!r}: max_model_len {context} is too short for text "
+                        f"prompts; {dropped} skipped")
+    concurrency = _bounded_buckets(settings, lengths, warnings)
+    if not endpoints:
+        return []
+    if not lengths or not features or not concurrency:
+        warnings.append(f"model {model.id!r}: max_model_len {context} leaves no prompt length "
+                        f"of at least {settings.min_prompt_tokens} tokens; skipped")
+        return []
+    # Factor order: most levels first, so the covering stays near its lower bound.
+    factors: tuple[Sequence[Any], ...] = (
+        lengths, features, concurrency, endpoints, settings.stream)
+
+    def pair_ok(i: int, a: int, j: int, b: int) -> bool:
+        level = {i: factors[i][a], j: factors[j][b]}
+        if 1 in level and 4 in level and level[1] in _NO_STREAM_FEATURES and level[4]:
+            return False
+        too_big = 0 in level and 2 in level and level[0] * level[2] > settings.max_inflight_tokens
+        return not too_big
+
+    shapes = []
+    for row in covering_rows([len(f) for f in factors], pair_ok):
+        length, feature, conc, endpoint, stream = (factors[f][v] for f, v in enumerate(row))
+        shapes.append(_gen_shape(model, endpoint, stream, feature, length, conc,
+                                 settings.max_tokens, upstream, limit))
+    return shapes
+
+
+def _bounded_buckets(settings: PlanSettings, lengths: Sequence[int],
+                     warnings: list[str]) -> tuple[int, ...]:
+    shortest = lengths[0] if lengths else settings.min_prompt_tokens
+    kept = tuple(c for c in sorted(set(settings.concurrency))
+                 if c * shortest <= settings.max_inflight_tokens)
+    if len(kept) < len(set(settings.concurrency)):
+        most = settings.max_inflight_tokens // shortest
+        warnings.append(f"concurrency above {most} exceeds max_inflight_tokens "
+                        f"{settings.max_inflight_tokens}; those buckets skipped")
+    return kept
+
+
+def _gen_shape(model: ModelInfo, endpoint: str, stream: bool, feature: str, length: int,
+               concurrency: int, max_tokens: int, upstream: UpstreamInfo, limit: int) -> Shape:
+    kind: PromptKind = "tokens" if endpoint == "completions" and upstream.has_tokenize else "text"
+    tokens = length if kind == "tokens" else max(1, min(length, _text_cap(limit)))
+    fields = _FEATURE_FIELDS[feature][0 if endpoint == "completions" else 1]
+    family = f"{endpoint}/{'stream' if stream else 'nostream'}/{feature}/len{tokens}/c{concurrency}"
+    return Shape(family, ENDPOINTS[endpoint], model.id, kind, tokens, concurrency, stream,
+                 feature, max_tokens, copy.deepcopy(fields))
+
+
+def _lora_shapes(model: ModelInfo, context: int, settings: PlanSettings,
+                 upstream: UpstreamInfo, *, first: bool) -> list[Shape]:
+    """LoRA kernels are shared by all adapters: the first one sweeps every length (c1)
+    and every bucket (shortest length); the others only need loading, one request each."""
+    limit = context - settings.max_tokens
+    lengths = length_levels(limit, settings.min_prompt_tokens)
+    if not lengths:
+        return []
+    endpoint = settings.endpoints[0]
+    rows = [(n, 1) for n in lengths] + [(lengths[0], c) for c in sorted(settings.concurrency)
+                                        if c > 1 and c * lengths[0] <= settings.max_inflight_tokens]
+    if not first:
+        rows = rows[:1]
+    return [_gen_shape(model, endpoint, False, "greedy", n, c, settings.max_tokens, upstream, limit)
+            for n, c in rows]
+
+
+def _pooling_shapes(model: ModelInfo, context: int, settings: PlanSettings,
+                    upstream: UpstreamInfo) -> list[Shape]:
+    """Embedding/classification: no sampling or streaming, so lengths x buckets in full."""
+    endpoint = _POOLING_ENDPOINT[model.kind]
+    kind: PromptKind = "tokens" if upstream.has_tokenize else "text"
+    limit = context if kind == "tokens" else _text_cap(context)
+    shapes = []
+    for n in length_levels(limit, settings.min_prompt_tokens):
+        for c in sorted(settings.concurrency):
+            if n * c <= settings.max_inflight_tokens:
+                shapes.append(Shape(f"{endpoint}/len{n}/c{c}", ENDPOINTS[endpoint], model.id,
+                                    kind, n, c, feature="plain"))
+    return shapes
+
+
+def _model_for(endpoint: str, name: str | None, models: list[ModelInfo], where: str) -> ModelInfo:
+    fits = [m for m in models if endpoint in _endpoints_of(m)]
+    if name is not None:
+        match = [m for m in fits if m.id == name]
+        if not match:
+            raise PlanError(f"{where}: model {name!r} is not a planned model serving {endpoint} "
+                            f"(candidates: {_or([m.id for m in fits]) or 'none'})")
+        return match[0]
+    if not fits:
+        raise PlanError(f"{where}: no served model has the {endpoint} endpoint "
+                        f"(models: {_or([f'{m.id} ({m.kind})' for m in models]) or 'none'})")
+    return fits[0]
+
+
+def _endpoints_of(model: ModelInfo) -> tuple[str, ...]:
+    return _GENERATE if model.kind == "generate" else (_POOLING_ENDPOINT[model.kind],)
+
+
+def _file_shape(spec: ShapeSpec, settings: PlanSettings, upstream: UpstreamInfo,
+                models: list[ModelInfo]) -> Shape:
+    model = _model_for(spec.endpoint, spec.model, models, spec.where)
+    context = _context(model, settings, [])
+    generating = spec.endpoint in _GENERATE
+    max_tokens = (spec.max_tokens or settings.max_tokens) if generating else 0
+    if spec.prompt_tokens + max_tokens > context:
+        raise PlanError(f"{spec.where}: prompt_tokens {spec.prompt_tokens} + max_tokens "
+                        f"{max_tokens} exceeds max_model_len {context} of {model.id!r}; "
+                        f"lower prompt_tokens to {context - max_tokens} or less")
+    feature = spec.feature or ("greedy" if generating else "plain")
+    kind: PromptKind = "tokens" if spec.endpoint != "chat" and upstream.has_tokenize else "text"
+    tokens = spec.prompt_tokens
+    if kind == "text":
+        tokens = max(1, min(tokens, _text_cap(context - max_tokens)))
+    fields: Body = {}
+    if generating:
+        fields.update(_FEATURE_FIELDS[feature][1 if spec.endpoint == "chat" else 0])
+    fields.update(copy.deepcopy(dict(spec.body)))
+    stream = spec.stream and generating
+    mode = ("stream/" if stream else "nostream/") if generating else ""
+    family = f"file/{spec.endpoint}/{mode}{feature}/len{tokens}/c{spec.concurrency}"
+    return Shape(family, ENDPOINTS[spec.endpoint], model.id, kind, tokens, spec.concurrency,
+                 stream, feature, max_tokens, fields)
+
+
+def _replay_shape(spec: ReplaySpec, models: list[ModelInfo], warnings: list[str]) -> Shape:
+    recorded = spec.body.get("model")
+    fits = [m.id for m in models if spec.endpoint in _endpoints_of(m)]
+    name = recorded if isinstance(recorded, str) and recorded in fits else None
+    model = _model_for(spec.endpoint, name, models, spec.where)
+    if recorded is not None and name is None:
+        warnings.append(f"{spec.where}: model {recorded!r} is not served; replayed on {model.id!r}")
+    max_tokens = spec.body.get("max_tokens") or spec.body.get("max_completion_tokens")
+    return Shape(f"replay/{spec.where}", ENDPOINTS[spec.endpoint], model.id, "recorded", 0,
+                 spec.concurrency, spec.body.get("stream") is True, "replay",
+                 max_tokens if isinstance(max_tokens, int) else 0,
+                 recorded=copy.deepcopy(dict(spec.body)))
+
+
+def _dedupe(shapes: list[Shape]) -> list[Shape]:
+    """Keep the first shape of each (model, family): tiny contexts can clamp two into one."""
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for s in shapes:
+        if (s.model, s.family) not in seen:
+            seen.add((s.model, s.family))
+            out.append(s)
+    return out
+
+
+# --- requests -----------------------------------------------------------------------
+
+
+def body_for(shape: Shape, prompt: Sequence[int] | str) -> Body:
+    """The JSON body of one request of `shape`, given a fresh prompt.
+
+    `prompt` is a token-id list for prompt_kind "tokens" and text for "text"; it is
+    ignored for "recorded" shapes, which are sent as recorded (with `model` set).
+    """
+    if shape.recorded is not None:
+        body = copy.deepcopy(dict(shape.recorded))
+        body["model"] = shape.model
+        return body
+    if shape.prompt_kind == "text" and not isinstance(prompt, str):
+        raise ValueError(f"{shape.family}: needs a text prompt (prompt_text), got token ids")
+    if shape.prompt_kind == "tokens" and isinstance(prompt, str):
+        raise ValueError(f"{shape.family}: needs token ids (prompt_token_ids), got text")
+    payload: str | list[int] = prompt if isinstance(prompt, str) else list(prompt)
+    body = {"model": shape.model}
+    if shape.endpoint == ENDPOINTS["chat"]:
+        body["messages"] = [{"role": "user", "content": payload}]
+    elif shape.endpoint == ENDPOINTS["completions"]:
+        body["prompt"] = payload
+    else:
+        body["input"] = payload
+    if shape.max_tokens:
+        body["max_tokens"] = shape.max_tokens
+        body["stream"] = shape.stream
+        if shape.stream:
+            body["stream_options"] = {"include_usage": True}  # usage lets the shell count tokens
+    body.update(copy.deepcopy(dict(shape.fields)))
+    return body
+
+
+def prompt_token_ids(vocab: Sequence[int], n: int, seed: int) -> list[int]:
+    """Exactly n token ids drawn from `vocab`, deterministic per seed, fresh across seeds.
+
+    `vocab` should hold ordinary text tokens (e.g. /tokenize of WORDS), never special
+    or placeholder tokens.
+    """
+    if not vocab:
+        raise ValueError("vocab is empty: tokenize WORDS first")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    return random.Random(seed).choices(list(vocab), k=n)
+
+
+def prompt_text(words: Sequence[str], n_tokens: int, tokens_per_word: float, seed: int) -> str:
+    """About n_tokens tokens of text (never more words than the rate allows), fresh per seed."""
+    if not words:
+        raise ValueError("words is empty")
+    if n_tokens < 1 or tokens_per_word <= 0:
+        raise ValueError(f"need n_tokens >= 1 and tokens_per_word > 0, got {n_tokens}, "
+                         f"{tokens_per_word}")
+    count = max(1, int(n_tokens / tokens_per_word))
+    return " ".join(random.Random(seed).choices(list(words), k=count))
+
+
+class Convergence:
+    """Repeat a shape until its latency settles.
+
+    Done once the last run is within `tolerance` of the previous one (after at least
+    `min_runs`), or after `max_runs` (then `converged` stays False: warn, don't fail).
+    One run is one batch of `concurrency` requests; record its wall time.
+    """
+
+    def __init__(self, tolerance: float = 0.10, min_runs: int = 2, max_runs: int = 5) -> None:
+        if not 0 < tolerance < 1 or not 1 <= min_runs <= max_runs:
+            raise ValueError(f"bad convergence rule: tolerance={tolerance}, "
+                             f"min_runs={min_runs}, max_runs={max_runs}")
+        self.tolerance = tolerance
+        self.min_runs = min_runs
+        self.max_runs = max_runs
+        self._runs: list[float] = []
+        self.converged = False
+
+    def record(self, ms: float) -> bool:
+        """Add one run's latency; True when no further run is needed."""
+        if self.done:
+            raise ValueError("record() after done: the shape already converged or ran out")
+        if ms < 0:
+            raise ValueError(f"latency must be >= 0 ms, got {ms}")
+        self._runs.append(ms)
+        if len(self._runs) >= max(2, self.min_runs):
+            prev, last = self._runs[-2], self._runs[-1]
+            self.converged = abs(last - prev) <= self.tolerance * prev
+        return self.done
+
+    @property
+    def done(self) -> bool:
+        return self.converged or len(self._runs) >= self.max_runs
+
+    @property
+    def runs(self) -> tuple[float, ...]:
+        return tuple(self._runs)
+
+    @property
+    def cold_ms(self) -> float | None:
+        return self._runs[0] if self._runs else None
+
+    @property
+    def warm_ms(self) -> float | None:
+        return self._runs[-1] if len(self._runs) >= 2 else None
+
+
+# --- plan files ---------------------------------------------------------------------
+
+_SHAPE_KEYS = ("endpoint", "stream", "feature", "prompt_tokens", "concurrency", "max_tokens",
+               "model", "body")
+_TOP_KEYS = ("mode", "shape", "replay")
+
+
+def parse_plan_file(text: str, *, source: str = "plan.toml",
+                    read: Callable[[str], str] | None = None) -> PlanFileSpec:
+    """Parse a --plan TOML file; PlanError names the file, the key and the fix.
+
+        mode = "extend"              # or "replace": drop the default plan
+        replay = "recorded.jsonl"    # or a list; JSONL of recorded request bodies
+        [[shape]]
+        endpoint = "chat"            # completions | chat | embeddings | classify (or the path)
+        prompt_tokens = 1500
+        stream = true                # optional, default false
+        feature = "logprobs"         # optional, one of FEATURES
+        concurrency = 8              # optional, default 1
+        max_tokens = 64              # optional, default --max-tokens
+        model = "my-model"           # optional, default the first fitting model
+        body = { top_logprobs = 3 }  # optional extra body fields
+
+    `read(name)` returns the text of a replay file named in the plan (the shell
+    resolves it next to the plan file); it may raise OSError.
+    """
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise PlanError(f"{source}: not valid TOML: {e}") from None
+    _no_unknown(data, _TOP_KEYS, source)
+    mode = data.get("mode", "extend")
+    if mode not in ("extend", "replace"):
+        raise PlanError(f'{source}: mode = {mode!r}; use "extend" or "replace"')
+    tables = data.get("shape", [])
+    if not isinstance(tables, list):
+        raise PlanError(f"{source}: 'shape' must be an array of tables; write [[shape]]")
+    shapes = tuple(_shape_spec(t, f"{source} [[shape]] #{i}") for i, t in enumerate(tables, 1))
+    replay = tuple(r for name in _replay_names(data, source)
+                   for r in _replay_file(name, source, read))
+    return PlanFileSpec(source, mode, shapes, replay)
+
+
+def _shape_spec(table: object, where: str) -> ShapeSpec:
+    if not isinstance(table, dict):
+        raise PlanError(f"{where}: must be a table")
+    _no_unknown(table, _SHAPE_KEYS, where)
+    endpoint = _endpoint_key(table.get("endpoint"), f"{where} endpoint")
+    feature = table.get("feature")
+    if feature is not None and (endpoint not in _GENERATE or feature not in _FEATURE_FIELDS):
+        allowed = _or(FEATURES) if endpoint in _GENERATE else "nothing (pooling endpoint)"
+        raise PlanError(f"{where}: feature {feature!r} does not apply; use {allowed}")
+    if "prompt_tokens" not in table:
+        raise PlanError(f"{where}: prompt_tokens is required (a positive integer)")
+    body = table.get("body", {})
+    if not isinstance(body, dict):
+        raise PlanError(f"{where}: body must be a table, e.g. body = {{ top_logprobs = 3 }}")
+    stream = table.get("stream", False)
+    if not isinstance(stream, bool):
+        raise PlanError(f"{where}: stream must be true or false, got {stream!r}")
+    model = table.get("model")
+    if model is not None and not isinstance(model, str):
+        raise PlanError(f"{where}: model must be a string, got {model!r}")
+    prompt_tokens = _positive(table["prompt_tokens"], f"{where} prompt_tokens")
+    concurrency = _positive(table.get("concurrency", 1), f"{where} concurrency")
+    max_tokens = table.get("max_tokens")
+    if max_tokens is not None:
+        max_tokens = _positive(max_tokens, f"{where} max_tokens")
+    return ShapeSpec(where, endpoint, prompt_tokens, stream, feature, concurrency, max_tokens,
+                     model, body)
+
+
+def _replay_names(data: dict[str, Any], source: str) -> list[str]:
+    names = data.get("replay", [])
+    names = [names] if isinstance(names, str) else names
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise PlanError(f'{source}: replay must be a file name or a list of them, e.g. "rec.jsonl"')
+    return names
+
+
+def _replay_file(name: str, source: str, read: Callable[[str], str] | None) -> list[ReplaySpec]:
+    if read is None:
+        raise PlanError(f"{source}: replay = {name!r} but no reader was given for replay files")
+    try:
+        text = read(name)
+    except OSError as e:
+        raise PlanError(f"{source}: replay file {name!r} cannot be read ({e.strerror or e}); "
+                        "paths are relative to the plan file") from None
+    specs = [_replay_line(line, f"{name}:{n}")
+             for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not specs:
+        raise PlanError(f"{source}: replay file {name!r} holds no requests (one JSON per line)")
+    return specs
+
+
+def _replay_line(line: str, where: str) -> ReplaySpec:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise PlanError(f"{where}: not JSON ({e.msg}); each line must be one request") from None
+    if not isinstance(record, dict):
+        raise PlanError(f"{where}: must be a JSON object")
+    if "body" in record:  # {"endpoint": ..., "body": {...}, "concurrency": n}
+        body = record["body"]
+        if not isinstance(body, dict):
+            raise PlanError(f"{where}: 'body' must be a JSON object")
+        endpoint = _endpoint_key(record.get("endpoint") or _infer_endpoint(body, where),
+                                 f"{where} endpoint")
+        conc = _positive(record.get("concurrency", 1), f"{where} concurrency")
+        return ReplaySpec(where, endpoint, body, conc)
+    return ReplaySpec(where, _infer_endpoint(record, where), record)
+
+
+def _infer_endpoint(body: dict[str, Any], where: str) -> str:
+    for key, endpoint in (("messages", "chat"), ("prompt", "completions"), ("input", "embeddings")):
+        if key in body:
+            return endpoint
+    raise PlanError(f'{where}: body has no "messages", "prompt" or "input"; '
+                    'wrap it as {"endpoint": "/v1/...", "body": {...}}')
+
+
+def _endpoint_key(value: object, where: str) -> str:
+    for key, path in ENDPOINTS.items():
+        if value in (key, path):
+            return key
+    raise PlanError(f"{where} = {value!r}; use {_or(list(ENDPOINTS))} or their paths")
+
+
+def _positive(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PlanError(f"{where} must be a positive integer, got {value!r}")
+    return value
+
+
+def _no_unknown(table: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
+    for key in table:
+        if key not in allowed:
+            raise PlanError(f"{where}: unknown key {key!r}; allowed keys: {', '.join(allowed)}")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise PlanError(message)
+
+
+def _or(items: Sequence[str]) -> str:
+    return ", ".join(items)

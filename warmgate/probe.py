@@ -1,0 +1,83 @@
+"""The probe server the kubelet talks to: /ready, /live, /startup, /status, /metrics.
+
+Answers come from a `ProbeView` (the supervisor's state); this module only maps
+paths to answers, so a probe costs one dictionary lookup and one small JSON body.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from warmgate.httpserver import Request, Response, Server, start_server
+
+PROBES = ("/ready", "/live", "/startup")
+PATHS = (*PROBES, "/status", "/metrics")
+
+
+class ProbeView(Protocol):
+    def phase(self) -> str: ...
+    def ready_ok(self) -> bool: ...
+    def live_ok(self) -> bool: ...
+    def startup_ok(self) -> bool: ...
+    def status(self) -> dict[str, Any]: ...
+    def metrics(self) -> bytes: ...
+
+
+def make_handler(view: ProbeView) -> Callable[[Request], Awaitable[Response]]:
+    checks: dict[str, Callable[[], bool]] = {
+        "/ready": view.ready_ok,
+        "/live": view.live_ok,
+        "/startup": view.startup_ok,
+    }
+
+    async def handle(request: Request) -> Response:
+        if request.path not in PATHS:
+            return Response.json({"error": f"no such path: {request.path}", "paths": list(PATHS)}, 404)
+        if request.method not in ("GET", "HEAD"):
+            return Response.json({"error": "method not allowed"}, 405, [("Allow", "GET, HEAD")])
+        check = checks.get(request.path)
+        if check is not None:
+            ok = check()
+            return Response.json({"ok": ok, "phase": view.phase()}, 200 if ok else 503)
+        if request.path == "/status":
+            return Response.json(view.status())
+        return Response(200, view.metrics(), content_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return handle
+
+
+async def serve(view: ProbeView, *, sock: socket.socket) -> Server:
+    """Serve probes on an already bound socket (bound early, so a port clash fails fast)."""
+    # The kubelet opens a fresh connection per probe and sends little: tight limits are fine.
+    return await start_server(
+        make_handler(view), sock=sock, max_connections=128, max_header_bytes=8192, header_timeout=5.0
+    )
+
+
+def check(host: str, port: int, path: str, timeout: float) -> int:
+    """`warmgate probe`: GET the path with a bare socket (fast to start); 0 on 200, else 1."""
+    import time
+
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode()
+    deadline = time.monotonic() + timeout
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as conn:
+            conn.sendall(request)
+            head = b""
+            while b"\r\n" not in head and time.monotonic() < deadline:
+                chunk = conn.recv(256)
+                if not chunk:
+                    break
+                head += chunk
+    except OSError as exc:
+        print(f"warmgate probe: {host}:{port}{path}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    status = head.split(b" ", 2)[1:2]
+    ok = status == [b"200"]
+    if not ok:
+        first_line = head.split(b"\r\n", 1)[0].decode(errors="replace")
+        print(f"warmgate probe: {host}:{port}{path}: {first_line or 'no answer'}", file=sys.stderr)
+    return 0 if ok else 1

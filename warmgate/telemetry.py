@@ -1,0 +1,133 @@
+"""Readings for /status and /metrics: Prometheus registry, GPU (pynvml), process (psutil)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+PHASES = ("starting", "loading", "warming", "ready", "unhealthy", "draining", "stopped", "failed")
+
+
+@dataclass(slots=True)
+class Counters:
+    """What the supervisor counts as it runs; /metrics reads it at scrape time."""
+
+    phase: str = "starting"
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    health_failures: int = 0
+    jit_misses: int = 0
+    drain_inflight: float | None = None
+    drain_seconds: float = 0.0
+    cache_bytes: dict[str, int] = field(default_factory=dict)
+
+
+class Metrics:
+    """warmgate's own registry: a histogram fed by the warm-up, gauges read from `Counters`."""
+
+    def __init__(self, read: Callable[[], Counters]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.warmup_seconds = Histogram(
+            "warmgate_warmup_request_seconds",
+            "Latency of warm-up requests, by shape family.",
+            ["family"],
+            registry=self.registry,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.registry.register(_StateCollector(read))
+
+    def observe(self, family: str, seconds: float) -> None:
+        self.warmup_seconds.labels(family=family).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _StateCollector:
+    def __init__(self, read: Callable[[], Counters]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        c = self._read()
+        phase = GaugeMetricFamily("warmgate_phase", "1 for the current lifecycle phase.", labels=["phase"])
+        spent = GaugeMetricFamily("warmgate_phase_seconds", "Seconds spent in each phase.", labels=["phase"])
+        for name in PHASES:
+            phase.add_metric([name], 1.0 if c.phase == name else 0.0)
+            spent.add_metric([name], c.phase_seconds.get(name, 0.0))
+        yield phase
+        yield spent
+        yield GaugeMetricFamily("warmgate_ready", "1 while /ready answers 200.", value=float(c.phase == "ready"))
+        yield CounterMetricFamily(
+            "warmgate_health_failures", "Upstream health checks that failed.", value=c.health_failures
+        )
+        yield CounterMetricFamily(
+            "warmgate_jit_misses",
+            "Engine JIT-compilation lines seen after Ready (shapes warm-up missed).",
+            value=c.jit_misses,
+        )
+        yield GaugeMetricFamily("warmgate_drain_seconds", "Seconds spent draining.", value=c.drain_seconds)
+        if c.drain_inflight is not None:
+            yield GaugeMetricFamily(
+                "warmgate_drain_inflight", "Upstream requests in flight while draining.", value=c.drain_inflight
+            )
+        if c.cache_bytes:
+            cache = GaugeMetricFamily("warmgate_cache_bytes", "Compile cache size.", labels=["when"])
+            for when, size in c.cache_bytes.items():
+                cache.add_metric([when], float(size))
+            yield cache
+
+
+def process_tree_rss(pid: int) -> int | None:
+    """Resident memory of `pid` and everything below it (vLLM's engine processes too)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return None
+    total = 0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            total += proc.memory_info().rss
+    return total
+
+
+_nvml: Any = None  # the pynvml module once initialised, False when no NVIDIA GPU is usable
+
+
+def gpus() -> list[Mapping[str, Any]] | None:
+    """Name and memory of each NVIDIA GPU, or None when there is none (not an error)."""
+    global _nvml
+    if _nvml is None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            _nvml = pynvml
+        except Exception:  # no driver, no library, no device: all mean "no GPU here"
+            _nvml = False
+    if _nvml is False:
+        return None
+    nvml = _nvml
+    found: list[Mapping[str, Any]] = []
+    try:
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+            name = nvml.nvmlDeviceGetName(handle)
+            found.append(
+                {
+                    "index": index,
+                    "name": name.decode() if isinstance(name, bytes) else str(name),
+                    "memory_used_bytes": int(memory.used),
+                    "memory_total_bytes": int(memory.total),
+                }
+            )
+    except Exception:  # a GPU that vanished mid-read reads as none
+        return None
+    return found

@@ -1,0 +1,283 @@
+"""Runs a warm-up plan against the upstream and records what each shape cost.
+
+The plan (warmgate.plan) decides what to send; this module sends it: fresh
+prompts for every request, `concurrency` requests in flight at once, repeats
+until the latency converges, retries for 5xx and connection errors, and skips a
+feature the upstream refuses with a 4xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from warmgate import log, plan
+from warmgate.config import WarmupSettings
+from warmgate.upstream import Reply, Upstream, UpstreamError
+
+RETRIES = 3  # attempts per request for 5xx, garbage and connection errors
+BACKOFF_S = 0.5
+
+
+class WarmupError(Exception):
+    """The warm-up could not be completed (broken upstream, nothing warmed)."""
+
+
+class _Unsupported(Exception):
+    """A 4xx: the upstream does not take this feature."""
+
+
+@dataclass(slots=True)
+class ShapeResult:
+    family: str
+    model: str
+    concurrency: int
+    status: str = "pending"  # converged | out_of_repeats | skipped | failed
+    runs_ms: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def cold_ms(self) -> float | None:
+        return self.runs_ms[0] if self.runs_ms else None
+
+    @property
+    def warm_ms(self) -> float | None:
+        return self.runs_ms[-1] if len(self.runs_ms) >= 2 else None
+
+    @property
+    def warmed(self) -> bool:
+        return self.status in ("converged", "out_of_repeats")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "family": self.family,
+            "model": self.model,
+            "status": self.status,
+            "cold_ms": _round(self.cold_ms),
+            "warm_ms": _round(self.warm_ms),
+            "repeats": len(self.runs_ms),
+            "error": self.error,
+        }
+
+
+@dataclass(slots=True)
+class Prompts:
+    """Fresh prompt material: a vocabulary of ordinary token ids, and the word list."""
+
+    vocab: list[int]
+    seeds: itertools.count[int] = field(default_factory=lambda: itertools.count(random.getrandbits(31)))
+
+    def for_shape(self, shape: plan.Shape, tokens_per_word: float) -> list[int] | str:
+        seed = next(self.seeds)
+        if shape.prompt_kind == "tokens":
+            return plan.prompt_token_ids(self.vocab, shape.prompt_tokens, seed)
+        if shape.prompt_kind == "text":
+            return plan.prompt_text(plan.WORDS, shape.prompt_tokens, tokens_per_word, seed)
+        return ""
+
+
+async def discover(upstream: Upstream, settings: WarmupSettings) -> tuple[plan.UpstreamInfo, Prompts]:
+    """What the upstream serves, and a vocabulary for token-exact prompts."""
+    served = await _retry(upstream.models)
+    models = []
+    for m in served:
+        kind = await _model_kind(upstream, m.id)
+        models.append(plan.ModelInfo(m.id, m.max_model_len, kind, is_lora=m.parent is not None))
+    vocab: list[int] = []
+    tokens_per_word = None
+    text = " ".join(plan.WORDS)
+    tokens = await upstream.tokenize(models[0].id, text) if models else None
+    if tokens:
+        vocab = sorted(set(tokens) - set(await upstream.tokenize(models[0].id, "") or []))
+        tokens_per_word = len(tokens) / len(plan.WORDS)
+    info = plan.UpstreamInfo(tuple(models), has_tokenize=bool(vocab), tokens_per_word=tokens_per_word)
+    return info, Prompts(vocab)
+
+
+async def _model_kind(upstream: Upstream, model: str) -> str:
+    """'generate' unless the model refuses completions and answers embeddings."""
+    probe = {"model": model, "prompt": "hi", "max_tokens": 1}
+    reply = await upstream.request("POST", "/v1/completions", probe, request_id=_request_id(), timeout=60)
+    if reply.status in (400, 404, 405, 501):
+        embed = await upstream.request(
+            "POST", "/v1/embeddings", {"model": model, "input": "hi"}, request_id=_request_id(), timeout=60
+        )
+        if embed.status == 200:
+            return "embed"
+    return "generate"
+
+
+def build(settings: WarmupSettings, info: plan.UpstreamInfo) -> plan.Plan:
+    """The plan for these settings and what the upstream reported."""
+    return plan.build_plan(
+        plan.PlanSettings(
+            max_tokens=settings.max_tokens,
+            concurrency=settings.concurrency,
+            features=settings.features,
+            max_inflight_tokens=settings.max_inflight_tokens,
+            models=settings.models,
+            converge=settings.converge,
+            max_repeats=settings.max_repeats,
+            plan_file=settings.plan,
+        ),
+        info,
+    )
+
+
+class Runner:
+    """Executes one plan; `results` fills in as shapes finish (for /status)."""
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        the_plan: plan.Plan,
+        prompts: Prompts,
+        settings: WarmupSettings,
+        observe: Callable[[str, float], None] | None = None,
+    ) -> None:
+        self.upstream, self.plan, self.prompts, self.settings = upstream, the_plan, prompts, settings
+        self.results = [ShapeResult(s.family, s.model, s.concurrency) for s in the_plan.shapes]
+        self._observe = observe
+        self._refused: set[tuple[str, str]] = set()  # (model, feature) the upstream refused
+        self._log = log.get()
+
+    async def run(self) -> list[ShapeResult]:
+        """Every shape in order; raises WarmupError if one fails or nothing was warmed."""
+        began = time.monotonic()
+        for index, (shape, result) in enumerate(zip(self.plan.shapes, self.results, strict=True)):
+            await self._shape(shape, result)
+            self._log_shape(result, index, began)
+            if result.status == "failed":
+                raise WarmupError(f"shape {result.family}: {result.error}")
+        if not any(r.warmed for r in self.results):
+            raise WarmupError("nothing was warmed: the upstream refused every shape")
+        return self.results
+
+    async def _shape(self, shape: plan.Shape, result: ShapeResult) -> None:
+        if (shape.model, shape.feature) in self._refused:
+            result.status, result.error = "skipped", f"feature {shape.feature} refused earlier"
+            return
+        convergence = self.plan.convergence()
+        try:
+            while True:
+                ms = await self._batch(shape)
+                result.runs_ms.append(ms)
+                if convergence.record(ms):
+                    break
+        except _Unsupported as exc:
+            self._refused.add((shape.model, shape.feature))
+            result.status, result.error = "skipped", str(exc)
+            self._log.warning("feature_unsupported", shape=shape.family, feature=shape.feature, error=str(exc))
+            return
+        except (WarmupError, httpx.HTTPError, UpstreamError) as exc:
+            result.status, result.error = "failed", str(exc) or type(exc).__name__
+            return
+        result.status = "converged" if convergence.converged else "out_of_repeats"
+
+    async def _batch(self, shape: plan.Shape) -> float:
+        """`concurrency` requests of one shape at once, each with a fresh prompt; wall ms."""
+        bodies = [
+            plan.body_for(shape, self.prompts.for_shape(shape, self.plan.tokens_per_word))
+            for _ in range(shape.concurrency)
+        ]
+        began = time.perf_counter()
+        await asyncio.gather(*(self._one(shape, body) for body in bodies))
+        return (time.perf_counter() - began) * 1000
+
+    async def _one(self, shape: plan.Shape, body: dict[str, Any]) -> None:
+        last = ""
+        for attempt in range(RETRIES):
+            if attempt:
+                await asyncio.sleep(BACKOFF_S * 2 ** (attempt - 1))
+            try:
+                reply = await self.upstream.request(
+                    "POST", shape.endpoint, body, request_id=_request_id(), timeout=self.settings.request_timeout
+                )
+            except httpx.HTTPError as exc:
+                last = f"{type(exc).__name__} from {shape.endpoint}"
+                continue
+            if 400 <= reply.status < 500:
+                raise _Unsupported(f"HTTP {reply.status}: {_error_message(reply)}")
+            problem = _invalid(reply)
+            if problem is None:
+                if self._observe is not None:
+                    self._observe(shape.family, reply.ms / 1000)
+                return
+            last = problem
+        raise WarmupError(f"{last} (after {RETRIES} attempts)")
+
+    def _log_shape(self, result: ShapeResult, index: int, began: float) -> None:
+        done = index + 1
+        elapsed = time.monotonic() - began
+        eta = elapsed / done * (len(self.results) - done)
+        self._log.info(
+            "shape",
+            shape=result.family,
+            model=result.model,
+            status=result.status,
+            cold_ms=_round(result.cold_ms),
+            ms=_round(result.warm_ms),
+            repeats=len(result.runs_ms),
+            progress=f"{done}/{len(self.results)}",
+            eta_s=round(eta, 1),
+        )
+
+
+def _invalid(reply: Reply) -> str | None:
+    """Why a reply does not count as a good warm-up response, or None if it does."""
+    if reply.status != 200:
+        return f"HTTP {reply.status}"
+    body = reply.body
+    if isinstance(body, list):  # a stream: its events must carry choices
+        if not any(isinstance(e, dict) and e.get("choices") for e in body):
+            return "stream without output"
+        return None
+    if not isinstance(body, dict):
+        return f"not JSON: {reply.text[:80]!r}"
+    if body.get("choices") or body.get("data"):
+        return None
+    return f"no output in {str(body)[:80]}"
+
+
+def _error_message(reply: Reply) -> str:
+    body = reply.body
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return str(body["error"].get("message", ""))[:200]
+    return reply.text[:200]
+
+
+async def _retry(call: Callable[[], Any], attempts: int = 5) -> Any:
+    """The server only just turned healthy: give its first answers a few tries."""
+    for attempt in range(attempts):
+        try:
+            return await call()
+        except (httpx.HTTPError, UpstreamError):
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(BACKOFF_S * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def _request_id() -> str:
+    return f"warmgate-{random.getrandbits(64):016x}"
+
+
+def _round(ms: float | None) -> float | None:
+    return None if ms is None else round(ms, 1)
+
+
+def summary_table(results: list[ShapeResult]) -> str:
+    """The final table a person reads: one row per shape."""
+    rows = [f"{'shape':<48} {'status':<15} {'cold ms':>9} {'warm ms':>9} {'runs':>4}"]
+    for r in results:
+        cold = f"{r.cold_ms:.1f}" if r.cold_ms is not None else "-"
+        warm = f"{r.warm_ms:.1f}" if r.warm_ms is not None else "-"
+        rows.append(f"{r.family:<48} {r.status:<15} {cold:>9} {warm:>9} {len(r.runs_ms):>4}")
+    return "\n".join(rows)
