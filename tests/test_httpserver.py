@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -355,3 +356,23 @@ def test_close_stops_accepting_and_ends_idle_keep_alive() -> None:
             await asyncio.open_connection("127.0.0.1", port)
 
     run(scenario())
+
+
+def test_serves_on_a_socket_the_caller_bound() -> None:
+    async def scenario() -> None:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        server = await start_server(echo, sock=sock)
+        try:
+            assert server.port == port
+            client = await Client.open(server)
+            client.send("GET", "/bound")
+            assert (await client.response())[1] == b"GET /bound ? "
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(scenario())
+    with pytest.raises(ValueError, match="port"):
+        run(start_server(echo, "127.0.0.1"))  # type: ignore[arg-type]

@@ -29,11 +29,20 @@ P = Phase
 A = Action
 
 
-def at(phase: Phase, *, unhealthy_threshold: int = 3, live_grace: float = 300.0,
-       on_warmup_failure: OnWarmupFailure = "fail") -> Lifecycle:
+def at(
+    phase: Phase,
+    *,
+    unhealthy_threshold: int = 3,
+    live_grace: float = 300.0,
+    on_warmup_failure: OnWarmupFailure = "fail",
+) -> Lifecycle:
     """A lifecycle driven to `phase` along the normal path, one event per 10 s."""
-    lc = Lifecycle(0.0, unhealthy_threshold=unhealthy_threshold, live_grace=live_grace,
-                   on_warmup_failure=on_warmup_failure)
+    lc = Lifecycle(
+        0.0,
+        unhealthy_threshold=unhealthy_threshold,
+        live_grace=live_grace,
+        on_warmup_failure=on_warmup_failure,
+    )
     path: dict[Phase, list[Event]] = {
         P.LOADING: [ChildSpawned(42)],
         P.WARMING: [ChildSpawned(42), HealthOk()],
@@ -54,7 +63,11 @@ def test_happy_path_records_every_transition() -> None:
     assert (d.phase, d.changed, d.actions) == (P.WARMING, True, (A.START_WARMUP,))
     assert lc.handle(WarmupFinished(ok=True), 9.0).phase is P.READY
     assert [(t.phase, t.at) for t in lc.transitions] == [
-        (P.STARTING, 0.0), (P.LOADING, 1.0), (P.WARMING, 3.0), (P.READY, 9.0)]
+        (P.STARTING, 0.0),
+        (P.LOADING, 1.0),
+        (P.WARMING, 3.0),
+        (P.READY, 9.0),
+    ]
     assert lc.time_in_phase(12.5) == 3.5
 
 
@@ -262,13 +275,28 @@ def test_ignored_events_change_nothing() -> None:
 
 def test_every_recorded_transition_is_allowed() -> None:
     lc = at(P.READY, unhealthy_threshold=1)
-    events: list[Event] = [HealthFailed(), HealthOk(), HealthFailed(), Sigterm(), Sigterm(),
-                           ChildExited(0)]
+    events: list[Event] = [
+        HealthFailed(),
+        HealthOk(),
+        HealthFailed(),
+        Sigterm(),
+        Sigterm(),
+        ChildExited(0),
+    ]
     for t, event in enumerate(events):
         lc.handle(event, 100.0 + t)
     phases = [t.phase for t in lc.transitions]
-    assert phases == [P.STARTING, P.LOADING, P.WARMING, P.READY, P.UNHEALTHY, P.READY,
-                      P.UNHEALTHY, P.DRAINING, P.STOPPED]
+    assert phases == [
+        P.STARTING,
+        P.LOADING,
+        P.WARMING,
+        P.READY,
+        P.UNHEALTHY,
+        P.READY,
+        P.UNHEALTHY,
+        P.DRAINING,
+        P.STOPPED,
+    ]
     assert all(b in ALLOWED[a] for a, b in itertools.pairwise(phases))
     assert not ALLOWED[P.STOPPED] and not ALLOWED[P.FAILED]  # terminal
 

@@ -79,86 +79,162 @@ class OnFailure(StrEnum):
 _ALL_FEATURES = "greedy,sampling,penalties,seed,n,logprobs,prompt_logprobs,json"
 Upstream = Annotated[
     str | None,
-    typer.Option(envvar=_env("UPSTREAM"), help="Upstream URL; default: the child's own --host/--port."),
+    typer.Option(
+        envvar=_env("UPSTREAM"), help="Upstream URL; default: the child's own --host/--port."
+    ),
 ]
 Model = Annotated[
     list[str] | None,
-    typer.Option(envvar=_env("MODEL"), help="Warm only this served model (repeatable); default: all."),
+    typer.Option(
+        envvar=_env("MODEL"), help="Warm only this served model (repeatable); default: all."
+    ),
 ]
 ApiKey = Annotated[
     str | None,
     typer.Option(
-        envvar=_env("API_KEY"), show_default=False,
+        envvar=_env("API_KEY"),
+        show_default=False,
         help="Bearer key for the upstream; else VLLM_API_KEY, else the child's --api-key. Never logged.",
     ),
 ]
 HealthPath = Annotated[str, typer.Option(envvar=_env("HEALTH_PATH"), help="Upstream health path.")]
 PlanFile = Annotated[
     Path | None,
-    typer.Option("--plan", envvar=_env("PLAN"), help="TOML plan that extends or replaces the default plan."),
+    typer.Option(
+        "--plan", envvar=_env("PLAN"), help="TOML plan that extends or replaces the default plan."
+    ),
 ]
 Converge = Annotated[
-    float, typer.Option(envvar=_env("CONVERGE"), help="A shape is warm when a run is within this fraction of the last.")
+    float,
+    typer.Option(
+        envvar=_env("CONVERGE"),
+        help="A shape is warm when a run is within this fraction of the last.",
+    ),
 ]
-MaxRepeats = Annotated[int, typer.Option(envvar=_env("MAX_REPEATS"), help="Most runs per shape (running out warns).")]
-MaxTokens = Annotated[int, typer.Option(envvar=_env("MAX_TOKENS"), help="max_tokens of warm-up requests.")]
+MaxRepeats = Annotated[
+    int, typer.Option(envvar=_env("MAX_REPEATS"), help="Most runs per shape (running out warns).")
+]
+MaxTokens = Annotated[
+    int, typer.Option(envvar=_env("MAX_TOKENS"), help="max_tokens of warm-up requests.")
+]
 Concurrency = Annotated[
-    str, typer.Option(envvar=_env("CONCURRENCY"), help="Concurrency buckets: requests in flight at once.")
+    str,
+    typer.Option(
+        envvar=_env("CONCURRENCY"), help="Concurrency buckets: requests in flight at once."
+    ),
 ]
 Features = Annotated[
     str,
-    typer.Option(envvar=_env("FEATURES"), help="Sampling features to warm (comma list); drop what clients never send."),
+    typer.Option(
+        envvar=_env("FEATURES"),
+        help="Sampling features to warm (comma list); drop what clients never send.",
+    ),
 ]
 MaxInflightTokens = Annotated[
-    int, typer.Option(envvar=_env("MAX_INFLIGHT_TOKENS"), help="Cap on prompt tokens x concurrency of one shape.")
+    int,
+    typer.Option(
+        envvar=_env("MAX_INFLIGHT_TOKENS"), help="Cap on prompt tokens x concurrency of one shape."
+    ),
 ]
-WarmupTimeout = Annotated[float, typer.Option(envvar=_env("WARMUP_TIMEOUT"), help="Seconds the whole warm-up may take.")]
+WarmupTimeout = Annotated[
+    float, typer.Option(envvar=_env("WARMUP_TIMEOUT"), help="Seconds the whole warm-up may take.")
+]
 RequestTimeout = Annotated[
-    float, typer.Option(envvar=_env("REQUEST_TIMEOUT"), help="Seconds one warm-up request may take.")
+    float,
+    typer.Option(envvar=_env("REQUEST_TIMEOUT"), help="Seconds one warm-up request may take."),
 ]
 LogLevelOpt = Annotated[LogLevel, typer.Option(envvar=_env("LOG_LEVEL"))]
 LogFormatOpt = Annotated[
-    LogFormat, typer.Option(envvar=_env("LOG_FORMAT"), help="auto: JSON lines unless stderr is a terminal.")
+    LogFormat,
+    typer.Option(envvar=_env("LOG_FORMAT"), help="auto: JSON lines unless stderr is a terminal."),
 ]
 
 
 def _warmup_settings(
-    upstream: str | None, model: list[str] | None, api_key: str | None, health_path: str, plan: Path | None,
-    converge: float, max_repeats: int, max_tokens: int, concurrency: str, features: str, max_inflight_tokens: int,
-    warmup_timeout: float, request_timeout: float,
+    upstream: str | None,
+    model: list[str] | None,
+    api_key: str | None,
+    health_path: str,
+    plan: Path | None,
+    converge: float,
+    max_repeats: int,
+    max_tokens: int,
+    concurrency: str,
+    features: str,
+    max_inflight_tokens: int,
+    warmup_timeout: float,
+    request_timeout: float,
 ) -> WarmupSettings:
     from warmgate.config import WarmupSettings, parse_buckets, parse_list, read_plan
 
     return WarmupSettings(
-        upstream=upstream, models=tuple(model or ()), api_key=api_key, health_path=health_path,
-        plan=read_plan(plan) if plan is not None else None, converge=converge, max_repeats=max_repeats, max_tokens=max_tokens,
-        concurrency=parse_buckets(concurrency), features=parse_list(features),
-        max_inflight_tokens=max_inflight_tokens, warmup_timeout=warmup_timeout, request_timeout=request_timeout,
+        upstream=upstream,
+        models=tuple(model or ()),
+        api_key=api_key,
+        health_path=health_path,
+        plan=read_plan(plan) if plan is not None else None,
+        converge=converge,
+        max_repeats=max_repeats,
+        max_tokens=max_tokens,
+        concurrency=parse_buckets(concurrency),
+        features=parse_list(features),
+        max_inflight_tokens=max_inflight_tokens,
+        warmup_timeout=warmup_timeout,
+        request_timeout=request_timeout,
     )
 
 
 @app.command(context_settings={"allow_interspersed_args": False}, help=_RUN_HELP)
 def run(
     ctx: typer.Context,
-    command: Annotated[list[str] | None, typer.Argument(metavar="CMD [ARGS]...", show_default=False)] = None,
+    command: Annotated[
+        list[str] | None, typer.Argument(metavar="CMD [ARGS]...", show_default=False)
+    ] = None,
     stop_timeout: Annotated[
-        float, typer.Option(envvar=_env("STOP_TIMEOUT"), help="Seconds from SIGTERM to SIGKILL of the child's group.")
+        float,
+        typer.Option(
+            envvar=_env("STOP_TIMEOUT"),
+            help="Seconds from SIGTERM to SIGKILL of the child's group.",
+        ),
     ] = 10.0,
     signal_group: Annotated[
-        bool, typer.Option(envvar=_env("SIGNAL_GROUP"), help="Forward signals to the child's whole process group.")
+        bool,
+        typer.Option(
+            envvar=_env("SIGNAL_GROUP"), help="Forward signals to the child's whole process group."
+        ),
     ] = False,
     log_level: LogLevelOpt = LogLevel.info,
     log_format: LogFormatOpt = LogFormat.auto,
     upstream: Upstream = None,
     no_warmup: Annotated[
-        bool, typer.Option("--no-warmup", envvar=_env("NO_WARMUP"), help="Plain-init mode even for a known server.")
+        bool,
+        typer.Option(
+            "--no-warmup", envvar=_env("NO_WARMUP"), help="Plain-init mode even for a known server."
+        ),
     ] = False,
-    host: Annotated[str, typer.Option(envvar=_env("HOST"), help="Probe server address (the kubelet probes the pod IP).")] = "0.0.0.0",
-    port: Annotated[int, typer.Option(envvar=_env("PORT"), help="Probe server port: /ready /live /startup /status /metrics.")] = 8080,
+    host: Annotated[
+        str,
+        typer.Option(
+            envvar=_env("HOST"), help="Probe server address (the kubelet probes the pod IP)."
+        ),
+    ] = "0.0.0.0",
+    port: Annotated[
+        int,
+        typer.Option(
+            envvar=_env("PORT"), help="Probe server port: /ready /live /startup /status /metrics."
+        ),
+    ] = 8080,
     health_path: HealthPath = "/health",
-    health_interval: Annotated[float, typer.Option(envvar=_env("HEALTH_INTERVAL"), help="Seconds between upstream health polls.")] = 0.25,
+    health_interval: Annotated[
+        float,
+        typer.Option(envvar=_env("HEALTH_INTERVAL"), help="Seconds between upstream health polls."),
+    ] = 0.25,
     startup_timeout: Annotated[
-        float, typer.Option(envvar=_env("STARTUP_TIMEOUT"), help="Seconds the upstream may take to turn healthy (exit 69).")
+        float,
+        typer.Option(
+            envvar=_env("STARTUP_TIMEOUT"),
+            help="Seconds the upstream may take to turn healthy (exit 69).",
+        ),
     ] = 1200.0,
     model: Model = None,
     api_key: ApiKey = None,
@@ -172,39 +248,102 @@ def run(
     warmup_timeout: WarmupTimeout = 900.0,
     request_timeout: RequestTimeout = 120.0,
     on_warmup_failure: Annotated[
-        OnFailure, typer.Option(envvar=_env("ON_WARMUP_FAILURE"), help="fail: exit 70 (pod restarts); ready: serve anyway.")
+        OnFailure,
+        typer.Option(
+            envvar=_env("ON_WARMUP_FAILURE"),
+            help="fail: exit 70 (pod restarts); ready: serve anyway.",
+        ),
     ] = OnFailure.fail,
     unhealthy_threshold: Annotated[
-        int, typer.Option(envvar=_env("UNHEALTHY_THRESHOLD"), help="Failed health polls after Ready before /ready is 503.")
+        int,
+        typer.Option(
+            envvar=_env("UNHEALTHY_THRESHOLD"),
+            help="Failed health polls after Ready before /ready is 503.",
+        ),
     ] = 3,
     live_grace: Annotated[
-        float, typer.Option(envvar=_env("LIVE_GRACE"), help="Seconds unhealthy after Ready before /live is 503.")
+        float,
+        typer.Option(
+            envvar=_env("LIVE_GRACE"), help="Seconds unhealthy after Ready before /live is 503."
+        ),
     ] = 300.0,
     drain_min: Annotated[
-        float, typer.Option(envvar=_env("DRAIN_MIN"), help="Least seconds between SIGTERM and stopping (endpoint propagation).")
+        float,
+        typer.Option(
+            envvar=_env("DRAIN_MIN"),
+            help="Least seconds between SIGTERM and stopping (endpoint propagation).",
+        ),
     ] = 5.0,
     drain_timeout: Annotated[
-        float | None, typer.Option(envvar=_env("DRAIN_TIMEOUT"), help="Most seconds to drain; default: grace - stop - 2.")
+        float | None,
+        typer.Option(
+            envvar=_env("DRAIN_TIMEOUT"), help="Most seconds to drain; default: grace - stop - 2."
+        ),
     ] = None,
     grace_period: Annotated[
-        float, typer.Option(envvar=_env("GRACE_PERIOD"), help="The pod's terminationGracePeriodSeconds.")
+        float,
+        typer.Option(envvar=_env("GRACE_PERIOD"), help="The pod's terminationGracePeriodSeconds."),
     ] = 30.0,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            envvar=_env("CACHE_DIR"),
+            help="Volume for the engine's compile caches (kept across restarts).",
+        ),
+    ] = None,
+    cache_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar=_env("CACHE_KEY"),
+            help="Extra cache key, e.g. the image tag (with command line and GPU).",
+        ),
+    ] = None,
     inflight_metric: Annotated[
         list[str] | None,
-        typer.Option(envvar=_env("INFLIGHT_METRIC"), help="Upstream gauge of requests in flight (repeatable); default: vLLM's."),
+        typer.Option(
+            envvar=_env("INFLIGHT_METRIC"),
+            help="Upstream gauge of requests in flight (repeatable); default: vLLM's.",
+        ),
     ] = None,
 ) -> int:
     from warmgate.config import DEFAULT_INFLIGHT_METRICS, RunSettings
 
-    warmup = _warmup_settings(upstream, model, api_key, health_path, plan, converge, max_repeats, max_tokens,
-                              concurrency, features, max_inflight_tokens, warmup_timeout, request_timeout)
+    warmup = _warmup_settings(
+        upstream,
+        model,
+        api_key,
+        health_path,
+        plan,
+        converge,
+        max_repeats,
+        max_tokens,
+        concurrency,
+        features,
+        max_inflight_tokens,
+        warmup_timeout,
+        request_timeout,
+    )
     settings = RunSettings(
-        command=tuple(command or ()), stop_timeout=stop_timeout, signal_group=signal_group,
-        log_level=log_level.value, log_format=log_format.value, warmup=warmup, no_warmup=no_warmup,
-        host=host, port=port, health_interval=health_interval, startup_timeout=startup_timeout,
-        on_warmup_failure=on_warmup_failure.value, unhealthy_threshold=unhealthy_threshold,
-        live_grace=live_grace, drain_min=drain_min, drain_timeout=drain_timeout, grace_period=grace_period,
+        command=tuple(command or ()),
+        stop_timeout=stop_timeout,
+        signal_group=signal_group,
+        log_level=log_level.value,
+        log_format=log_format.value,
+        warmup=warmup,
+        no_warmup=no_warmup,
+        host=host,
+        port=port,
+        health_interval=health_interval,
+        startup_timeout=startup_timeout,
+        on_warmup_failure=on_warmup_failure.value,
+        unhealthy_threshold=unhealthy_threshold,
+        live_grace=live_grace,
+        drain_min=drain_min,
+        drain_timeout=drain_timeout,
+        grace_period=grace_period,
         inflight_metrics=tuple(inflight_metric or DEFAULT_INFLIGHT_METRICS),
+        cache_dir=cache_dir,
+        cache_key=cache_key,
     )
     own_vars = [p.envvar for p in ctx.command.params if isinstance(p.envvar, str)]
     from warmgate.supervisor import run as supervise
@@ -214,7 +353,9 @@ def run(
 
 @app.command()
 def warmup(
-    upstream: Annotated[str, typer.Option(envvar=_env("UPSTREAM"), help="URL of the running server.")],
+    upstream: Annotated[
+        str, typer.Option(envvar=_env("UPSTREAM"), help="URL of the running server.")
+    ],
     model: Model = None,
     api_key: ApiKey = None,
     health_path: HealthPath = "/health",
@@ -233,8 +374,21 @@ def warmup(
     """Warm up an already running server once (init containers, manual use): exit 0 when warm, 1 when not."""
     from warmgate.oneshot import warm_once
 
-    settings = _warmup_settings(upstream, model, api_key, health_path, plan, converge, max_repeats, max_tokens,
-                                concurrency, features, max_inflight_tokens, warmup_timeout, request_timeout)
+    settings = _warmup_settings(
+        upstream,
+        model,
+        api_key,
+        health_path,
+        plan,
+        converge,
+        max_repeats,
+        max_tokens,
+        concurrency,
+        features,
+        max_inflight_tokens,
+        warmup_timeout,
+        request_timeout,
+    )
     return warm_once(settings, log_level.value, log_format.value)
 
 
@@ -248,7 +402,9 @@ class ProbeName(StrEnum):
 def probe(
     which: Annotated[ProbeName, typer.Argument(help="ready, live or startup")],
     port: Annotated[int, typer.Option(envvar=_env("PORT"), help="warmgate's probe port.")] = 8080,
-    host: Annotated[str, typer.Option(envvar=_env("PROBE_HOST"), help="Address to probe.")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(envvar=_env("PROBE_HOST"), help="Address to probe.")
+    ] = "127.0.0.1",
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 2.0,
 ) -> int:
     """Exec-probe client for images without curl: exit 0 on 200, 1 otherwise."""
@@ -261,17 +417,23 @@ def probe(
 def bench(
     command: Annotated[
         str | None,
-        typer.Option(envvar=_env("BENCH_COMMAND"),
-                     help="Server command line to benchmark (host/port appended); default: warmgate sim."),
+        typer.Option(
+            envvar=_env("BENCH_COMMAND"),
+            help="Server command line to benchmark (host/port appended); default: warmgate sim.",
+        ),
     ] = None,
     sim_args: Annotated[str, typer.Option(help="Extra arguments for the simulator.")] = "",
-    strategies: Annotated[str, typer.Option(help="Comma list of health, warmup.sh, warmgate, plan.")] = (
-        "health,warmup.sh,warmgate"
-    ),
+    strategies: Annotated[
+        str, typer.Option(help="Comma list of health, warmup.sh, warmgate, plan.")
+    ] = ("health,warmup.sh,warmgate"),
     plan: PlanFile = None,
     warm_runs: Annotated[int, typer.Option(help="Warm runs per held-out request (median).")] = 3,
-    warmgate_args: Annotated[str, typer.Option(help="Extra `warmgate run` options for its strategies.")] = "",
-    out: Annotated[Path | None, typer.Option(help="Directory for report.md, report.json and server logs.")] = None,
+    warmgate_args: Annotated[
+        str, typer.Option(help="Extra `warmgate run` options for its strategies.")
+    ] = "",
+    out: Annotated[
+        Path | None, typer.Option(help="Directory for report.md, report.json and server logs.")
+    ] = None,
 ) -> int:
     """Compare readiness strategies side by side: time to Ready and first/warm ratios of the held-out mix."""
     from warmgate.bench.main import bench_main
@@ -285,10 +447,7 @@ def _register_sim() -> None:
     app.command("sim", help=sim_command.__doc__)(sim_command)
 
 
-try:  # TEMP until sim lands
-    _register_sim()
-except ImportError:
-    pass
+_register_sim()
 
 
 def main(argv: list[str]) -> int:

@@ -33,18 +33,33 @@ class WarmupSettings:
     request_timeout: float = 120.0
 
     def __post_init__(self) -> None:
-        _require(0 < self.converge < 1, f"--converge {self.converge} must be between 0 and 1 (0.1 = 10 %)")
+        _require(
+            0 < self.converge < 1,
+            f"--converge {self.converge} must be between 0 and 1 (0.1 = 10 %)",
+        )
         _require(self.max_repeats >= 2, f"--max-repeats {self.max_repeats} must be >= 2")
         _require(self.max_tokens >= 1, f"--max-tokens {self.max_tokens} must be >= 1")
         _require(bool(self.concurrency), "--concurrency needs at least one bucket, e.g. 1,4,16,64")
-        _require(all(c >= 1 for c in self.concurrency), f"--concurrency {self.concurrency}: buckets must be >= 1")
+        _require(
+            all(c >= 1 for c in self.concurrency),
+            f"--concurrency {self.concurrency}: buckets must be >= 1",
+        )
         unknown = sorted(set(self.features) - set(FEATURES))
-        _require(not unknown, f"--features: unknown {', '.join(unknown)}; choose from {','.join(FEATURES)}")
+        _require(
+            not unknown,
+            f"--features: unknown {', '.join(unknown)}; choose from {','.join(FEATURES)}",
+        )
         _require(bool(self.features), f"--features needs at least one of {','.join(FEATURES)}")
-        _require(self.max_inflight_tokens >= 1, f"--max-inflight-tokens {self.max_inflight_tokens} must be >= 1")
+        _require(
+            self.max_inflight_tokens >= 1,
+            f"--max-inflight-tokens {self.max_inflight_tokens} must be >= 1",
+        )
         _require(self.warmup_timeout > 0, f"--warmup-timeout {self.warmup_timeout} must be > 0")
         _require(self.request_timeout > 0, f"--request-timeout {self.request_timeout} must be > 0")
-        _require(self.health_path.startswith("/"), f"--health-path {self.health_path!r} must start with /")
+        _require(
+            self.health_path.startswith("/"),
+            f"--health-path {self.health_path!r} must start with /",
+        )
         if self.upstream is not None:
             _require(
                 self.upstream.startswith(("http://", "https://")),
@@ -74,9 +89,14 @@ class RunSettings:
     drain_timeout: float | None = None
     grace_period: float = 30.0
     inflight_metrics: tuple[str, ...] = DEFAULT_INFLIGHT_METRICS
+    # compile caches that survive restarts
+    cache_dir: Path | None = None
+    cache_key: str | None = None
 
     def __post_init__(self) -> None:
-        _require(bool(self.command), "no command given (usage: warmgate run [OPTIONS] -- CMD [ARGS...])")
+        _require(
+            bool(self.command), "no command given (usage: warmgate run [OPTIONS] -- CMD [ARGS...])"
+        )
         _require(self.stop_timeout >= 0, f"--stop-timeout {self.stop_timeout} must be >= 0")
         _require(0 <= self.port <= 65535, f"--port {self.port} is not a TCP port")
         _require(self.health_interval > 0, f"--health-interval {self.health_interval} must be > 0")
@@ -85,7 +105,10 @@ class RunSettings:
             self.on_warmup_failure in ON_WARMUP_FAILURE,
             f"--on-warmup-failure {self.on_warmup_failure!r}: use fail or ready",
         )
-        _require(self.unhealthy_threshold >= 1, f"--unhealthy-threshold {self.unhealthy_threshold} must be >= 1")
+        _require(
+            self.unhealthy_threshold >= 1,
+            f"--unhealthy-threshold {self.unhealthy_threshold} must be >= 1",
+        )
         _require(self.live_grace >= 0, f"--live-grace {self.live_grace} must be >= 0")
         _require(self.drain_min >= 0, f"--drain-min {self.drain_min} must be >= 0")
         _require(self.grace_period > 0, f"--grace-period {self.grace_period} must be > 0")
@@ -134,7 +157,9 @@ def read_plan(path: Path) -> PlanFileSpec:
     """Read and check a --plan file up front, so a bad one fails before the child starts."""
     try:
         text = path.read_text()
-        return parse_plan_file(text, source=str(path), read=lambda name: (path.parent / name).read_text())
+        return parse_plan_file(
+            text, source=str(path), read=lambda name: (path.parent / name).read_text()
+        )
     except OSError as exc:
         raise WarmgateError(f"--plan {path}: cannot read it ({exc.strerror})") from None
     except PlanError as exc:
@@ -151,7 +176,9 @@ def parse_buckets(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.replace(" ", "").split(",") if part)
     except ValueError:
-        raise WarmgateError(f"--concurrency {text!r}: use comma-separated integers such as 1,4,16,64") from None
+        raise WarmgateError(
+            f"--concurrency {text!r}: use comma-separated integers such as 1,4,16,64"
+        ) from None
 
 
 def _require(ok: bool, message: str) -> None:

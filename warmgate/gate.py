@@ -15,13 +15,14 @@ import threading
 import time
 from typing import Any
 
-from warmgate import log, probe, process
 from warmgate import lifecycle as lc
+from warmgate import log, probe, process
+from warmgate.cache import CacheReport
 from warmgate.config import RunSettings
 from warmgate.errors import Exit
 from warmgate.telemetry import Counters, Metrics, gpus, process_tree_rss
 from warmgate.upstream import Upstream
-from warmgate.warmup import Runner, ShapeResult, WarmupError, build, discover, summary_table
+from warmgate.warmup import Runner, ShapeResult, build, discover, summary_table
 
 JIT_MARKER = b"JIT compilation during inference"
 PROGRESS_EVERY_S = 10.0
@@ -54,11 +55,20 @@ class _ChildGone(Exception):
 class Gate:
     """Warm-up mode's state, and the `ProbeView` the probe server answers from."""
 
-    def __init__(self, settings: RunSettings, child: process.Child, upstream_url: str, api_key: str | None):
+    def __init__(
+        self,
+        settings: RunSettings,
+        child: process.Child,
+        upstream_url: str,
+        api_key: str | None,
+        cache: CacheReport | None = None,
+    ):
         self.settings = settings
         self.child = child
         self.upstream_url = upstream_url
-        self.upstream = Upstream(upstream_url, api_key=api_key, timeout=settings.warmup.request_timeout)
+        self.upstream = Upstream(
+            upstream_url, api_key=api_key, timeout=settings.warmup.request_timeout
+        )
         self.started_mono, self.started_wall = time.monotonic(), time.time()
         self.life = lc.Lifecycle(
             self.started_mono,
@@ -74,6 +84,9 @@ class Gate:
         self.warnings: list[str] = []
         self.drain: dict[str, Any] = {}
         self.exit_reason: str | None = None
+        self.cache = cache
+        if cache is not None:
+            self.counters.cache_bytes = cache.sizes()
         self._log = log.get()
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -109,6 +122,7 @@ class Gate:
             "jit_misses_after_ready": self.jit.after_ready,
             "jit_lines_total": self.jit.total,
             "drain": self.drain or None,
+            "cache": self.cache.as_status() if self.cache is not None else None,
             "warnings": self.warnings,
         }
 
@@ -151,7 +165,9 @@ class Gate:
         now = time.monotonic()
         decision = self.life.handle(event, now)
         if decision.changed:
-            self._log.info("phase", phase=decision.phase.value, reason=self.life.transitions[-1].reason)
+            self._log.info(
+                "phase", phase=decision.phase.value, reason=self.life.transitions[-1].reason
+            )
             self.jit.ready = self.jit.ready or decision.phase is lc.Phase.READY
         elif decision.note:
             self._log.info("lifecycle", phase=decision.phase.value, note=decision.note)
@@ -197,16 +213,24 @@ class Gate:
             if self.life.phase is lc.Phase.LOADING:
                 if now - self.started_mono > self.settings.startup_timeout:
                     self.exit_reason = "upstream_never_healthy"
-                    self._log.error("startup_timeout", after_s=self.settings.startup_timeout, last=why)
+                    self._log.error(
+                        "startup_timeout", after_s=self.settings.startup_timeout, last=why
+                    )
                     self._apply(lc.StartupTimedOut())
                 elif now >= next_progress:
-                    self._log.info("waiting", phase="loading", elapsed_s=round(now - self.started_mono, 1), last=why)
+                    self._log.info(
+                        "waiting",
+                        phase="loading",
+                        elapsed_s=round(now - self.started_mono, 1),
+                        last=why,
+                    )
                     next_progress = now + PROGRESS_EVERY_S
             await asyncio.sleep(interval)
 
     async def _warm_up(self) -> None:
         settings = self.settings.warmup
         began = time.monotonic()
+        await self._measure_cache("healthy")
         try:
             async with asyncio.timeout(settings.warmup_timeout):
                 info, prompts = await discover(self.upstream, settings)
@@ -227,12 +251,28 @@ class Gate:
             self._warmup_done(True, "")
         finally:
             self._summarise(time.monotonic() - began)
+            await self._measure_cache("warm")
+
+    async def _measure_cache(self, when: str) -> None:
+        """Size the compile cache off the event loop (a walk of a few GB takes a while)."""
+        if self.cache is None:
+            return
+        from warmgate.cache import snapshot
+
+        snap = await asyncio.to_thread(snapshot, self.cache.dirs)
+        self.cache.record(when, snap)
+        self.counters.cache_bytes = self.cache.sizes()
+        self._log.info(
+            "cache", phase=when, bytes=snap.size_bytes, files=snap.file_count, hit=self.cache.hit
+        )
 
     def _summarise(self, seconds: float) -> None:
         counts: dict[str, int] = {}
         for r in self.results:
             counts[r.status] = counts.get(r.status, 0) + 1
-        self._log.info("warmup_summary", ms=round(seconds * 1000), shapes=len(self.results), **counts)
+        self._log.info(
+            "warmup_summary", ms=round(seconds * 1000), shapes=len(self.results), **counts
+        )
         if self.results and sys.stderr.isatty():
             print(summary_table(self.results), file=sys.stderr, flush=True)
 
@@ -249,8 +289,14 @@ class Gate:
         began = time.monotonic()
         deadline, earliest = began + settings.drain_deadline, began + settings.drain_min
         zero_polls, warned = 0, False
-        self.drain = {"started_at": self._wall(began), "deadline_s": settings.drain_deadline, "outcome": "draining"}
-        self._log.info("drain", phase="draining", deadline_s=settings.drain_deadline, min_s=settings.drain_min)
+        self.drain = {
+            "started_at": self._wall(began),
+            "deadline_s": settings.drain_deadline,
+            "outcome": "draining",
+        }
+        self._log.info(
+            "drain", phase="draining", deadline_s=settings.drain_deadline, min_s=settings.drain_min
+        )
         while True:
             inflight = await self.upstream.inflight(settings.inflight_metrics)
             now = time.monotonic()
@@ -259,7 +305,10 @@ class Gate:
             self.drain.update(inflight=inflight, seconds=round(now - began, 2))
             if inflight is None and not warned:
                 warned = True
-                self._log.warning("drain_no_metrics", note="upstream has no in-flight gauges; waiting --drain-min only")
+                self._log.warning(
+                    "drain_no_metrics",
+                    note="upstream has no in-flight gauges; waiting --drain-min only",
+                )
             zero_polls = zero_polls + 1 if inflight == 0 else 0
             idle = inflight is None or zero_polls >= 2
             if idle and now >= earliest:
@@ -287,7 +336,10 @@ class Gate:
         return code
 
     def exit_fields(self) -> dict[str, Any]:
-        fields: dict[str, Any] = {"phase": self.life.phase.value, "jit_misses_after_ready": self.jit.after_ready}
+        fields: dict[str, Any] = {
+            "phase": self.life.phase.value,
+            "jit_misses_after_ready": self.jit.after_ready,
+        }
         if self.drain:
             fields["drain"] = self.drain.get("outcome")
             fields["inflight"] = self.drain.get("inflight")
@@ -308,4 +360,3 @@ class Gate:
         c.phase_seconds = spent
         c.jit_misses = self.jit.after_ready
         return c
-

@@ -118,9 +118,9 @@ class Server:
         """Return once every accepted connection has gone (served or dropped)."""
         await self._no_connections.wait()
 
-    async def _listen(self, host: str | None, port: int | None, sock: socket.socket | None) -> None:
+    async def _listen(self, sock: socket.socket) -> None:
         self._listener = await asyncio.start_server(
-            self._accept, host, port, sock=sock, limit=self._limits.max_header_bytes, backlog=1024
+            self._accept, sock=sock, limit=self._limits.max_header_bytes, backlog=1024
         )
 
     def _sockname(self) -> tuple[Any, ...]:
@@ -159,10 +159,15 @@ async def start_server(
     max_body_bytes: int = 8 << 20,
     header_timeout: float = 10.0,
 ) -> Server:
-    """Listen on host:port (port 0 picks a free one; read it from `Server.port`)."""
+    """Listen on host:port (port 0 picks a free one; read it from `Server.port`), or on
+    `sock`, a socket the caller bound already."""
+    if sock is None:
+        if port is None:
+            raise ValueError("start_server needs a port (0 for any free one) or a bound sock")
+        sock = _listening_socket(host or "", port)
     limits = _Limits(max_connections, max_header_bytes, max_body_bytes, header_timeout)
     server = Server(handler, limits)
-    await server._listen(None if sock else host, None if sock else port, sock)
+    await server._listen(sock)
     return server
 
 
@@ -382,6 +387,23 @@ class _Connection:
         with contextlib.suppress(OSError, TimeoutError):
             async with asyncio.timeout(_CLOSE_GRACE_S):
                 await self._writer.wait_closed()
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """Bind here instead of letting asyncio resolve `host` on its thread pool: start-up
+    then never waits on a resolver thread (slow on a busy node), and a numeric address,
+    the usual case, needs no lookup at all."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:

@@ -193,7 +193,8 @@ class Lifecycle:
             raise ValueError(f"live_grace must be >= 0 seconds, got {live_grace}")
         if on_warmup_failure not in ("fail", "ready"):
             raise ValueError(
-                f"on_warmup_failure must be 'fail' or 'ready', not {on_warmup_failure!r}")
+                f"on_warmup_failure must be 'fail' or 'ready', not {on_warmup_failure!r}"
+            )
         self.unhealthy_threshold = unhealthy_threshold
         self.live_grace = live_grace
         self.on_warmup_failure: OnWarmupFailure = on_warmup_failure
@@ -260,8 +261,7 @@ class Lifecycle:
             "child_status": self.child_status,
             "failure": self.failure,
             "transitions": [
-                {"phase": t.phase.value, "at": t.at, "reason": t.reason}
-                for t in self._transitions
+                {"phase": t.phase.value, "at": t.at, "reason": t.reason} for t in self._transitions
             ],
         }
 
@@ -349,8 +349,12 @@ class Lifecycle:
             return self._move(P.DRAINING, now, "SIGTERM before ready: stopping", *actions)
         if self.phase is P.DRAINING and self._drain_pending:
             self._drain_pending = False
-            return Decision(self.phase, False, (Action.CANCEL_DRAIN, Action.FORWARD_SIGTERM),
-                            "second SIGTERM: drain skipped, stopping now")
+            return Decision(
+                self.phase,
+                False,
+                (Action.CANCEL_DRAIN, Action.FORWARD_SIGTERM),
+                "second SIGTERM: drain skipped, stopping now",
+            )
         child_running = self.child_pid is not None and self.child_status is None
         if self.phase in (P.DRAINING, P.FAILED) and child_running:
             # Like tini: each further SIGTERM reaches the child, which may shorten its own exit.

@@ -22,12 +22,16 @@ def warm_once(settings: WarmupSettings, log_level: str, log_format: str) -> int:
 async def _warm(settings: WarmupSettings) -> int:
     assert settings.upstream is not None
     logger = log.get()
-    upstream = Upstream(settings.upstream, api_key=settings.api_key, timeout=settings.request_timeout)
+    upstream = Upstream(
+        settings.upstream, api_key=settings.api_key, timeout=settings.request_timeout
+    )
     try:
         async with asyncio.timeout(settings.warmup_timeout):
             ok, why = await upstream.health(settings.health_path)
             if not ok:
-                logger.error("exit", reason="upstream_unhealthy", code=1, error=f"{settings.upstream}: {why}")
+                logger.error(
+                    "exit", reason="upstream_unhealthy", code=1, error=f"{settings.upstream}: {why}"
+                )
                 return 1
             info, prompts = await discover(upstream, settings)
             the_plan = build(settings, info)
@@ -36,10 +40,17 @@ async def _warm(settings: WarmupSettings) -> int:
     except (PlanError, WarmupError) as exc:
         bad_input = isinstance(exc, PlanError)
         code = Exit.USAGE if bad_input else 1
-        logger.error("exit", reason="usage" if bad_input else "warmup_failed", code=int(code), error=str(exc))
+        logger.error(
+            "exit", reason="usage" if bad_input else "warmup_failed", code=int(code), error=str(exc)
+        )
         return int(code)
     except TimeoutError:
-        logger.error("exit", reason="warmup_failed", code=1, error=f"--warmup-timeout {settings.warmup_timeout:g} s")
+        logger.error(
+            "exit",
+            reason="warmup_failed",
+            code=1,
+            error=f"--warmup-timeout {settings.warmup_timeout:g} s",
+        )
         return 1
     except Exception as exc:  # a broken upstream: one line, exit 1
         logger.error("exit", reason="warmup_failed", code=1, error=str(exc) or type(exc).__name__)

@@ -208,22 +208,32 @@ class PlanSettings:
 
     def __post_init__(self) -> None:
         _check(self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}")
-        _check(bool(self.concurrency) and all(c >= 1 for c in self.concurrency),
-               f"concurrency buckets must be >= 1, got {self.concurrency}")
-        _check(self.min_prompt_tokens >= 1,
-               f"min_prompt_tokens must be >= 1, got {self.min_prompt_tokens}")
-        _check(self.max_inflight_tokens >= 1,
-               f"max_inflight_tokens must be >= 1, got {self.max_inflight_tokens}")
+        _check(
+            bool(self.concurrency) and all(c >= 1 for c in self.concurrency),
+            f"concurrency buckets must be >= 1, got {self.concurrency}",
+        )
+        _check(
+            self.min_prompt_tokens >= 1,
+            f"min_prompt_tokens must be >= 1, got {self.min_prompt_tokens}",
+        )
+        _check(
+            self.max_inflight_tokens >= 1,
+            f"max_inflight_tokens must be >= 1, got {self.max_inflight_tokens}",
+        )
         for name in self.features:
             _check(name in _FEATURE_FIELDS, f"unknown feature {name!r}; use {_or(FEATURES)}")
         for name in self.endpoints:
             _check(name in _GENERATE, f"unknown endpoint {name!r}; use {_or(_GENERATE)}")
         _check(bool(self.stream), "stream needs at least one of false, true")
         _check(0 < self.converge < 1, f"converge must be in (0, 1), got {self.converge}")
-        _check(1 <= self.min_repeats <= self.max_repeats,
-               f"need 1 <= min_repeats <= max_repeats, got {self.min_repeats}, {self.max_repeats}")
-        _check(self.max_model_len is None or self.max_model_len > self.max_tokens,
-               f"max_model_len {self.max_model_len} leaves no room for max_tokens")
+        _check(
+            1 <= self.min_repeats <= self.max_repeats,
+            f"need 1 <= min_repeats <= max_repeats, got {self.min_repeats}, {self.max_repeats}",
+        )
+        _check(
+            self.max_model_len is None or self.max_model_len > self.max_tokens,
+            f"max_model_len {self.max_model_len} leaves no room for max_tokens",
+        )
 
 
 # --- output -----------------------------------------------------------------------
@@ -283,14 +293,24 @@ def build_plan(settings: PlanSettings, upstream: UpstreamInfo) -> Plan:
     if not shapes:
         served = ", ".join(f"{m.id} ({m.kind})" for m in upstream.models) or "none"
         why = "".join(f"; {w}" for w in warnings)
-        raise PlanError(f"nothing to warm up: no shape fits the served models ({served}){why}; "
-                        "check --model, --plan and the model kinds")
+        raise PlanError(
+            f"nothing to warm up: no shape fits the served models ({served}){why}; "
+            "check --model, --plan and the model kinds"
+        )
     text_used = any(s.prompt_kind == "text" for s in shapes)
     if text_used and upstream.tokens_per_word is None:
-        warnings.append(f"tokens per word not measured; assuming {DEFAULT_TOKENS_PER_WORD}, "
-                        "text prompt lengths are rough")
-    return Plan(tuple(shapes), tuple(warnings), upstream.tokens_per_word or DEFAULT_TOKENS_PER_WORD,
-                settings.converge, settings.min_repeats, settings.max_repeats)
+        warnings.append(
+            f"tokens per word not measured; assuming {DEFAULT_TOKENS_PER_WORD}, "
+            "text prompt lengths are rough"
+        )
+    return Plan(
+        tuple(shapes),
+        tuple(warnings),
+        upstream.tokens_per_word or DEFAULT_TOKENS_PER_WORD,
+        settings.converge,
+        settings.min_repeats,
+        settings.max_repeats,
+    )
 
 
 def length_levels(limit: int, min_tokens: int) -> tuple[int, ...]:
@@ -346,8 +366,14 @@ def covering_rows(sizes: Sequence[int], pair_ok: PairOk | None = None) -> list[t
     return rows
 
 
-def _best_level(f: int, size: int, row: dict[int, int],
-                uncovered: set[tuple[int, int, int, int]], ok: PairOk, uses: list[int]) -> int:
+def _best_level(
+    f: int,
+    size: int,
+    row: dict[int, int],
+    uncovered: set[tuple[int, int, int, int]],
+    ok: PairOk,
+    uses: list[int],
+) -> int:
     def fits(v: int) -> bool:
         return all(ok(*_ordered(f, v, g, w)) for g, w in row.items())
 
@@ -364,15 +390,17 @@ def _ordered(f: int, v: int, g: int, w: int) -> tuple[int, int, int, int]:
     return (f, v, g, w) if f < g else (g, w, f, v)
 
 
-def _select_models(settings: PlanSettings, upstream: UpstreamInfo,
-                   warnings: list[str]) -> list[ModelInfo]:
+def _select_models(
+    settings: PlanSettings, upstream: UpstreamInfo, warnings: list[str]
+) -> list[ModelInfo]:
     if not upstream.models:
         raise PlanError("the upstream lists no models in /v1/models; is it serving one?")
     served = {m.id for m in upstream.models}
     for name in settings.models:
         if name not in served:
-            raise PlanError(f"--model {name!r} is not served by the upstream "
-                            f"(it serves {_or(sorted(served))})")
+            raise PlanError(
+                f"--model {name!r} is not served by the upstream (it serves {_or(sorted(served))})"
+            )
     models = [m for m in upstream.models if not settings.models or m.id in settings.models]
     for m in models:
         if m.kind != "generate" and m.kind not in _POOLING_ENDPOINT:
@@ -382,8 +410,10 @@ def _select_models(settings: PlanSettings, upstream: UpstreamInfo,
 
 def _context(model: ModelInfo, settings: PlanSettings, warnings: list[str]) -> int:
     if model.max_model_len is None and settings.max_model_len is None:
-        warnings.append(f"model {model.id!r} reports no max_model_len; assuming "
-                        f"{DEFAULT_MAX_MODEL_LEN} (set --max-model-len to change it)")
+        warnings.append(
+            f"model {model.id!r} reports no max_model_len; assuming "
+            f"{DEFAULT_MAX_MODEL_LEN} (set --max-model-len to change it)"
+        )
         return DEFAULT_MAX_MODEL_LEN
     known = [n for n in (model.max_model_len, settings.max_model_len) if n is not None]
     return min(known)
@@ -394,8 +424,9 @@ def _text_cap(limit: int) -> int:
     return int((limit - _TEMPLATE_TOKENS) * (1 - _TEXT_SLACK))
 
 
-def _default_shapes(settings: PlanSettings, upstream: UpstreamInfo,
-                    models: list[ModelInfo], warnings: list[str]) -> list[Shape]:
+def _default_shapes(
+    settings: PlanSettings, upstream: UpstreamInfo, models: list[ModelInfo], warnings: list[str]
+) -> list[Shape]:
     shapes: list[Shape] = []
     lora_seen = False
     for model in models:
@@ -410,8 +441,13 @@ def _default_shapes(settings: PlanSettings, upstream: UpstreamInfo,
     return shapes
 
 
-def _generate_shapes(model: ModelInfo, context: int, settings: PlanSettings,
-                     upstream: UpstreamInfo, warnings: list[str]) -> list[Shape]:
+def _generate_shapes(
+    model: ModelInfo,
+    context: int,
+    settings: PlanSettings,
+    upstream: UpstreamInfo,
+    warnings: list[str],
+) -> list[Shape]:
     limit = context - settings.max_tokens
     lengths = length_levels(limit, settings.min_prompt_tokens)
     features = settings.features
@@ -423,18 +459,27 @@ def _generate_shapes(model: ModelInfo, context: int, settings: PlanSettings,
     if _text_cap(limit) < settings.min_prompt_tokens:  # no room for a text prompt + template
         endpoints = tuple(e for e in endpoints if e != "chat" and e not in text_only)
         dropped = _or([e for e in settings.endpoints if e not in endpoints])
-        warnings.append(f"model {model.id!r}: max_model_len {context} is too short for text "
-                        f"prompts; {dropped} skipped")
+        warnings.append(
+            f"model {model.id!r}: max_model_len {context} is too short for text "
+            f"prompts; {dropped} skipped"
+        )
     concurrency = _bounded_buckets(settings, lengths, warnings)
     if not endpoints:
         return []
     if not lengths or not features or not concurrency:
-        warnings.append(f"model {model.id!r}: max_model_len {context} leaves no prompt length "
-                        f"of at least {settings.min_prompt_tokens} tokens; skipped")
+        warnings.append(
+            f"model {model.id!r}: max_model_len {context} leaves no prompt length "
+            f"of at least {settings.min_prompt_tokens} tokens; skipped"
+        )
         return []
     # Factor order: most levels first, so the covering stays near its lower bound.
     factors: tuple[Sequence[Any], ...] = (
-        lengths, features, concurrency, endpoints, settings.stream)
+        lengths,
+        features,
+        concurrency,
+        endpoints,
+        settings.stream,
+    )
 
     def pair_ok(i: int, a: int, j: int, b: int) -> bool:
         level = {i: factors[i][a], j: factors[j][b]}
@@ -446,35 +491,62 @@ def _generate_shapes(model: ModelInfo, context: int, settings: PlanSettings,
     shapes = []
     for row in covering_rows([len(f) for f in factors], pair_ok):
         length, feature, conc, endpoint, stream = (factors[f][v] for f, v in enumerate(row))
-        shapes.append(_gen_shape(model, endpoint, stream, feature, length, conc,
-                                 settings.max_tokens, upstream, limit))
+        shapes.append(
+            _gen_shape(
+                model, endpoint, stream, feature, length, conc, settings.max_tokens, upstream, limit
+            )
+        )
     return shapes
 
 
-def _bounded_buckets(settings: PlanSettings, lengths: Sequence[int],
-                     warnings: list[str]) -> tuple[int, ...]:
+def _bounded_buckets(
+    settings: PlanSettings, lengths: Sequence[int], warnings: list[str]
+) -> tuple[int, ...]:
     shortest = lengths[0] if lengths else settings.min_prompt_tokens
-    kept = tuple(c for c in sorted(set(settings.concurrency))
-                 if c * shortest <= settings.max_inflight_tokens)
+    kept = tuple(
+        c for c in sorted(set(settings.concurrency)) if c * shortest <= settings.max_inflight_tokens
+    )
     if len(kept) < len(set(settings.concurrency)):
         most = settings.max_inflight_tokens // shortest
-        warnings.append(f"concurrency above {most} exceeds max_inflight_tokens "
-                        f"{settings.max_inflight_tokens}; those buckets skipped")
+        warnings.append(
+            f"concurrency above {most} exceeds max_inflight_tokens "
+            f"{settings.max_inflight_tokens}; those buckets skipped"
+        )
     return kept
 
 
-def _gen_shape(model: ModelInfo, endpoint: str, stream: bool, feature: str, length: int,
-               concurrency: int, max_tokens: int, upstream: UpstreamInfo, limit: int) -> Shape:
+def _gen_shape(
+    model: ModelInfo,
+    endpoint: str,
+    stream: bool,
+    feature: str,
+    length: int,
+    concurrency: int,
+    max_tokens: int,
+    upstream: UpstreamInfo,
+    limit: int,
+) -> Shape:
     kind: PromptKind = "tokens" if endpoint == "completions" and upstream.has_tokenize else "text"
     tokens = length if kind == "tokens" else max(1, min(length, _text_cap(limit)))
     fields = _FEATURE_FIELDS[feature][0 if endpoint == "completions" else 1]
     family = f"{endpoint}/{'stream' if stream else 'nostream'}/{feature}/len{tokens}/c{concurrency}"
-    return Shape(family, ENDPOINTS[endpoint], model.id, kind, tokens, concurrency, stream,
-                 feature, max_tokens, copy.deepcopy(fields))
+    return Shape(
+        family,
+        ENDPOINTS[endpoint],
+        model.id,
+        kind,
+        tokens,
+        concurrency,
+        stream,
+        feature,
+        max_tokens,
+        copy.deepcopy(fields),
+    )
 
 
-def _lora_shapes(model: ModelInfo, context: int, settings: PlanSettings,
-                 upstream: UpstreamInfo, *, first: bool) -> list[Shape]:
+def _lora_shapes(
+    model: ModelInfo, context: int, settings: PlanSettings, upstream: UpstreamInfo, *, first: bool
+) -> list[Shape]:
     """LoRA kernels are shared by all adapters: the first one sweeps every length (c1)
     and every bucket (shortest length); the others only need loading, one request each."""
     limit = context - settings.max_tokens
@@ -482,16 +554,22 @@ def _lora_shapes(model: ModelInfo, context: int, settings: PlanSettings,
     if not lengths:
         return []
     endpoint = settings.endpoints[0]
-    rows = [(n, 1) for n in lengths] + [(lengths[0], c) for c in sorted(settings.concurrency)
-                                        if c > 1 and c * lengths[0] <= settings.max_inflight_tokens]
+    rows = [(n, 1) for n in lengths] + [
+        (lengths[0], c)
+        for c in sorted(settings.concurrency)
+        if c > 1 and c * lengths[0] <= settings.max_inflight_tokens
+    ]
     if not first:
         rows = rows[:1]
-    return [_gen_shape(model, endpoint, False, "greedy", n, c, settings.max_tokens, upstream, limit)
-            for n, c in rows]
+    return [
+        _gen_shape(model, endpoint, False, "greedy", n, c, settings.max_tokens, upstream, limit)
+        for n, c in rows
+    ]
 
 
-def _pooling_shapes(model: ModelInfo, context: int, settings: PlanSettings,
-                    upstream: UpstreamInfo) -> list[Shape]:
+def _pooling_shapes(
+    model: ModelInfo, context: int, settings: PlanSettings, upstream: UpstreamInfo
+) -> list[Shape]:
     """Embedding/classification: no sampling or streaming, so lengths x buckets in full."""
     endpoint = _POOLING_ENDPOINT[model.kind]
     kind: PromptKind = "tokens" if upstream.has_tokenize else "text"
@@ -500,8 +578,17 @@ def _pooling_shapes(model: ModelInfo, context: int, settings: PlanSettings,
     for n in length_levels(limit, settings.min_prompt_tokens):
         for c in sorted(settings.concurrency):
             if n * c <= settings.max_inflight_tokens:
-                shapes.append(Shape(f"{endpoint}/len{n}/c{c}", ENDPOINTS[endpoint], model.id,
-                                    kind, n, c, feature="plain"))
+                shapes.append(
+                    Shape(
+                        f"{endpoint}/len{n}/c{c}",
+                        ENDPOINTS[endpoint],
+                        model.id,
+                        kind,
+                        n,
+                        c,
+                        feature="plain",
+                    )
+                )
     return shapes
 
 
@@ -510,12 +597,16 @@ def _model_for(endpoint: str, name: str | None, models: list[ModelInfo], where: 
     if name is not None:
         match = [m for m in fits if m.id == name]
         if not match:
-            raise PlanError(f"{where}: model {name!r} is not a planned model serving {endpoint} "
-                            f"(candidates: {_or([m.id for m in fits]) or 'none'})")
+            raise PlanError(
+                f"{where}: model {name!r} is not a planned model serving {endpoint} "
+                f"(candidates: {_or([m.id for m in fits]) or 'none'})"
+            )
         return match[0]
     if not fits:
-        raise PlanError(f"{where}: no served model has the {endpoint} endpoint "
-                        f"(models: {_or([f'{m.id} ({m.kind})' for m in models]) or 'none'})")
+        raise PlanError(
+            f"{where}: no served model has the {endpoint} endpoint "
+            f"(models: {_or([f'{m.id} ({m.kind})' for m in models]) or 'none'})"
+        )
     return fits[0]
 
 
@@ -523,16 +614,19 @@ def _endpoints_of(model: ModelInfo) -> tuple[str, ...]:
     return _GENERATE if model.kind == "generate" else (_POOLING_ENDPOINT[model.kind],)
 
 
-def _file_shape(spec: ShapeSpec, settings: PlanSettings, upstream: UpstreamInfo,
-                models: list[ModelInfo]) -> Shape:
+def _file_shape(
+    spec: ShapeSpec, settings: PlanSettings, upstream: UpstreamInfo, models: list[ModelInfo]
+) -> Shape:
     model = _model_for(spec.endpoint, spec.model, models, spec.where)
     context = _context(model, settings, [])
     generating = spec.endpoint in _GENERATE
     max_tokens = (spec.max_tokens or settings.max_tokens) if generating else 0
     if spec.prompt_tokens + max_tokens > context:
-        raise PlanError(f"{spec.where}: prompt_tokens {spec.prompt_tokens} + max_tokens "
-                        f"{max_tokens} exceeds max_model_len {context} of {model.id!r}; "
-                        f"lower prompt_tokens to {context - max_tokens} or less")
+        raise PlanError(
+            f"{spec.where}: prompt_tokens {spec.prompt_tokens} + max_tokens "
+            f"{max_tokens} exceeds max_model_len {context} of {model.id!r}; "
+            f"lower prompt_tokens to {context - max_tokens} or less"
+        )
     feature = spec.feature or ("greedy" if generating else "plain")
     kind: PromptKind = "tokens" if spec.endpoint != "chat" and upstream.has_tokenize else "text"
     tokens = spec.prompt_tokens
@@ -545,8 +639,18 @@ def _file_shape(spec: ShapeSpec, settings: PlanSettings, upstream: UpstreamInfo,
     stream = spec.stream and generating
     mode = ("stream/" if stream else "nostream/") if generating else ""
     family = f"file/{spec.endpoint}/{mode}{feature}/len{tokens}/c{spec.concurrency}"
-    return Shape(family, ENDPOINTS[spec.endpoint], model.id, kind, tokens, spec.concurrency,
-                 stream, feature, max_tokens, fields)
+    return Shape(
+        family,
+        ENDPOINTS[spec.endpoint],
+        model.id,
+        kind,
+        tokens,
+        spec.concurrency,
+        stream,
+        feature,
+        max_tokens,
+        fields,
+    )
 
 
 def _replay_shape(spec: ReplaySpec, models: list[ModelInfo], warnings: list[str]) -> Shape:
@@ -557,10 +661,18 @@ def _replay_shape(spec: ReplaySpec, models: list[ModelInfo], warnings: list[str]
     if recorded is not None and name is None:
         warnings.append(f"{spec.where}: model {recorded!r} is not served; replayed on {model.id!r}")
     max_tokens = spec.body.get("max_tokens") or spec.body.get("max_completion_tokens")
-    return Shape(f"replay/{spec.where}", ENDPOINTS[spec.endpoint], model.id, "recorded", 0,
-                 spec.concurrency, spec.body.get("stream") is True, "replay",
-                 max_tokens if isinstance(max_tokens, int) else 0,
-                 recorded=copy.deepcopy(dict(spec.body)))
+    return Shape(
+        f"replay/{spec.where}",
+        ENDPOINTS[spec.endpoint],
+        model.id,
+        "recorded",
+        0,
+        spec.concurrency,
+        spec.body.get("stream") is True,
+        "replay",
+        max_tokens if isinstance(max_tokens, int) else 0,
+        recorded=copy.deepcopy(dict(spec.body)),
+    )
 
 
 def _dedupe(shapes: list[Shape]) -> list[Shape]:
@@ -626,8 +738,9 @@ def prompt_text(words: Sequence[str], n_tokens: int, tokens_per_word: float, see
     if not words:
         raise ValueError("words is empty")
     if n_tokens < 1 or tokens_per_word <= 0:
-        raise ValueError(f"need n_tokens >= 1 and tokens_per_word > 0, got {n_tokens}, "
-                         f"{tokens_per_word}")
+        raise ValueError(
+            f"need n_tokens >= 1 and tokens_per_word > 0, got {n_tokens}, {tokens_per_word}"
+        )
     count = max(1, int(n_tokens / tokens_per_word))
     return " ".join(random.Random(seed).choices(list(words), k=count))
 
@@ -642,8 +755,10 @@ class Convergence:
 
     def __init__(self, tolerance: float = 0.10, min_runs: int = 2, max_runs: int = 5) -> None:
         if not 0 < tolerance < 1 or not 1 <= min_runs <= max_runs:
-            raise ValueError(f"bad convergence rule: tolerance={tolerance}, "
-                             f"min_runs={min_runs}, max_runs={max_runs}")
+            raise ValueError(
+                f"bad convergence rule: tolerance={tolerance}, "
+                f"min_runs={min_runs}, max_runs={max_runs}"
+            )
         self.tolerance = tolerance
         self.min_runs = min_runs
         self.max_runs = max_runs
@@ -681,13 +796,22 @@ class Convergence:
 
 # --- plan files ---------------------------------------------------------------------
 
-_SHAPE_KEYS = ("endpoint", "stream", "feature", "prompt_tokens", "concurrency", "max_tokens",
-               "model", "body")
+_SHAPE_KEYS = (
+    "endpoint",
+    "stream",
+    "feature",
+    "prompt_tokens",
+    "concurrency",
+    "max_tokens",
+    "model",
+    "body",
+)
 _TOP_KEYS = ("mode", "shape", "replay")
 
 
-def parse_plan_file(text: str, *, source: str = "plan.toml",
-                    read: Callable[[str], str] | None = None) -> PlanFileSpec:
+def parse_plan_file(
+    text: str, *, source: str = "plan.toml", read: Callable[[str], str] | None = None
+) -> PlanFileSpec:
     """Parse a --plan TOML file; PlanError names the file, the key and the fix.
 
         mode = "extend"              # or "replace": drop the default plan
@@ -717,8 +841,9 @@ def parse_plan_file(text: str, *, source: str = "plan.toml",
     if not isinstance(tables, list):
         raise PlanError(f"{source}: 'shape' must be an array of tables; write [[shape]]")
     shapes = tuple(_shape_spec(t, f"{source} [[shape]] #{i}") for i, t in enumerate(tables, 1))
-    replay = tuple(r for name in _replay_names(data, source)
-                   for r in _replay_file(name, source, read))
+    replay = tuple(
+        r for name in _replay_names(data, source) for r in _replay_file(name, source, read)
+    )
     return PlanFileSpec(source, mode, shapes, replay)
 
 
@@ -747,8 +872,9 @@ def _shape_spec(table: object, where: str) -> ShapeSpec:
     max_tokens = table.get("max_tokens")
     if max_tokens is not None:
         max_tokens = _positive(max_tokens, f"{where} max_tokens")
-    return ShapeSpec(where, endpoint, prompt_tokens, stream, feature, concurrency, max_tokens,
-                     model, body)
+    return ShapeSpec(
+        where, endpoint, prompt_tokens, stream, feature, concurrency, max_tokens, model, body
+    )
 
 
 def _replay_names(data: dict[str, Any], source: str) -> list[str]:
@@ -765,10 +891,15 @@ def _replay_file(name: str, source: str, read: Callable[[str], str] | None) -> l
     try:
         text = read(name)
     except OSError as e:
-        raise PlanError(f"{source}: replay file {name!r} cannot be read ({e.strerror or e}); "
-                        "paths are relative to the plan file") from None
-    specs = [_replay_line(line, f"{name}:{n}")
-             for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        raise PlanError(
+            f"{source}: replay file {name!r} cannot be read ({e.strerror or e}); "
+            "paths are relative to the plan file"
+        ) from None
+    specs = [
+        _replay_line(line, f"{name}:{n}")
+        for n, line in enumerate(text.splitlines(), 1)
+        if line.strip()
+    ]
     if not specs:
         raise PlanError(f"{source}: replay file {name!r} holds no requests (one JSON per line)")
     return specs
@@ -785,8 +916,9 @@ def _replay_line(line: str, where: str) -> ReplaySpec:
         body = record["body"]
         if not isinstance(body, dict):
             raise PlanError(f"{where}: 'body' must be a JSON object")
-        endpoint = _endpoint_key(record.get("endpoint") or _infer_endpoint(body, where),
-                                 f"{where} endpoint")
+        endpoint = _endpoint_key(
+            record.get("endpoint") or _infer_endpoint(body, where), f"{where} endpoint"
+        )
         conc = _positive(record.get("concurrency", 1), f"{where} concurrency")
         return ReplaySpec(where, endpoint, body, conc)
     return ReplaySpec(where, _infer_endpoint(record, where), record)
@@ -796,8 +928,10 @@ def _infer_endpoint(body: dict[str, Any], where: str) -> str:
     for key, endpoint in (("messages", "chat"), ("prompt", "completions"), ("input", "embeddings")):
         if key in body:
             return endpoint
-    raise PlanError(f'{where}: body has no "messages", "prompt" or "input"; '
-                    'wrap it as {"endpoint": "/v1/...", "body": {...}}')
+    raise PlanError(
+        f'{where}: body has no "messages", "prompt" or "input"; '
+        'wrap it as {"endpoint": "/v1/...", "body": {...}}'
+    )
 
 
 def _endpoint_key(value: object, where: str) -> str:

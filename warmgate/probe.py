@@ -35,7 +35,9 @@ def make_handler(view: ProbeView) -> Callable[[Request], Awaitable[Response]]:
 
     async def handle(request: Request) -> Response:
         if request.path not in PATHS:
-            return Response.json({"error": f"no such path: {request.path}", "paths": list(PATHS)}, 404)
+            return Response.json(
+                {"error": f"no such path: {request.path}", "paths": list(PATHS)}, 404
+            )
         if request.method not in ("GET", "HEAD"):
             return Response.json({"error": "method not allowed"}, 405, [("Allow", "GET, HEAD")])
         check = checks.get(request.path)
@@ -44,7 +46,9 @@ def make_handler(view: ProbeView) -> Callable[[Request], Awaitable[Response]]:
             return Response.json({"ok": ok, "phase": view.phase()}, 200 if ok else 503)
         if request.path == "/status":
             return Response.json(view.status())
-        return Response(200, view.metrics(), content_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(
+            200, view.metrics(), content_type="text/plain; version=0.0.4; charset=utf-8"
+        )
 
     return handle
 
@@ -53,7 +57,11 @@ async def serve(view: ProbeView, *, sock: socket.socket) -> Server:
     """Serve probes on an already bound socket (bound early, so a port clash fails fast)."""
     # The kubelet opens a fresh connection per probe and sends little: tight limits are fine.
     return await start_server(
-        make_handler(view), sock=sock, max_connections=128, max_header_bytes=8192, header_timeout=5.0
+        make_handler(view),
+        sock=sock,
+        max_connections=128,
+        max_header_bytes=8192,
+        header_timeout=5.0,
     )
 
 

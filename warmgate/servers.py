@@ -39,7 +39,12 @@ def recognise(argv: Sequence[str]) -> KnownServer | None:
             return SGLANG
         if i == 0 and word == "warmgate" and following == "sim":
             return SIM
-        if word == "-m" and following == "warmgate" and i + 2 < len(words) and words[i + 2] == "sim":
+        if (
+            word == "-m"
+            and following == "warmgate"
+            and i + 2 < len(words)
+            and words[i + 2] == "sim"
+        ):
             return SIM
     return None
 

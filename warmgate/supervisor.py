@@ -36,7 +36,9 @@ def warmup_target(settings: RunSettings, environ: dict[str, str]) -> Target | No
     url = settings.warmup.upstream or servers.upstream_url(settings.command, environ)
     if url is None:
         return None
-    key = settings.warmup.api_key or environ.get("VLLM_API_KEY") or servers.api_key(settings.command)
+    key = (
+        settings.warmup.api_key or environ.get("VLLM_API_KEY") or servers.api_key(settings.command)
+    )
     return Target(url, key)
 
 
@@ -48,9 +50,21 @@ def run(settings: RunSettings, own_vars: Iterable[str]) -> int:
         try:
             sock = _bind(settings.host, settings.port)
         except OSError as exc:
-            why = "is in use (another warmgate?)" if exc.errno == 98 else f"cannot be bound: {exc.strerror}"
-            return log_exit(settings, "probe_port_unavailable", Exit.PROBE_PORT_UNAVAILABLE,
-                            error=f"--port {settings.port} on {settings.host} {why}")
+            why = (
+                "is in use (another warmgate?)"
+                if exc.errno == 98
+                else f"cannot be bound: {exc.strerror}"
+            )
+            return log_exit(
+                settings,
+                "probe_port_unavailable",
+                Exit.PROBE_PORT_UNAVAILABLE,
+                error=f"--port {settings.port} on {settings.host} {why}",
+            )
+    env = child_environment(os.environ, own_vars)
+    cache_report, cache_warnings = _prepare_cache(settings, env)
+    if cache_report is not None:
+        env = cache_report.env
     if not process.is_pid1():
         process.become_subreaper()
     process.block_signals()
@@ -58,7 +72,7 @@ def run(settings: RunSettings, own_vars: Iterable[str]) -> int:
     try:
         child = process.spawn(
             settings.command,
-            child_environment(os.environ, own_vars),
+            env,
             capture_output=not interactive,
             pdeathsig=not process.is_pid1(),
             tty=process.foreground_tty(),
@@ -71,16 +85,56 @@ def run(settings: RunSettings, own_vars: Iterable[str]) -> int:
     from warmgate import log
 
     log.configure(settings.log_level, settings.log_format)
-    log.get().info("spawn", pid=child.pid, argv=list(child.argv), pid1=process.is_pid1(),
-                   mode="warmup" if target else "plain")
+    log.get().info(
+        "spawn",
+        pid=child.pid,
+        argv=list(child.argv),
+        pid1=process.is_pid1(),
+        mode="warmup" if target else "plain",
+    )
+    for warning in cache_warnings:
+        log.get().warning("cache", note=warning)
+    if cache_report is not None:
+        log.get().info(
+            "cache",
+            phase="start",
+            dir=str(cache_report.report.dirs.root),
+            bytes=cache_report.report.sizes().get("start"),
+        )
     import uvloop
 
     try:
-        return uvloop.run(_supervise(settings, child, target, sock))
+        return uvloop.run(
+            _supervise(settings, child, target, sock, cache_report.report if cache_report else None)
+        )
     except Exception as exc:  # a bug of ours must still stop the child and say why, once
         process.send(child, signal.SIGKILL, group=True)
         log.get().exception("internal_error")
-        return log_exit(settings, "internal_error", Exit.INTERNAL_ERROR, error=f"{type(exc).__name__}: {exc}")
+        return log_exit(
+            settings, "internal_error", Exit.INTERNAL_ERROR, error=f"{type(exc).__name__}: {exc}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Cache:
+    report: Any  # warmgate.cache.CacheReport
+    env: dict[str, str]
+
+
+def _prepare_cache(settings: RunSettings, env: dict[str, str]) -> tuple[_Cache | None, list[str]]:
+    """Lock a compile-cache slot and point the child's cache variables at it (--cache-dir)."""
+    if settings.cache_dir is None:
+        return None, []
+    from warmgate import cache
+
+    dirs, warnings = cache.prepare(
+        settings.cache_dir, settings.cache_key, settings.command, env, cache.gpu_name()
+    )
+    if dirs is None:
+        return None, warnings
+    report = cache.CacheReport(dirs)
+    report.record("start", cache.snapshot(dirs))
+    return _Cache(report, cache.child_env(env, dirs)), warnings
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -92,7 +146,11 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 async def _supervise(
-    settings: RunSettings, child: process.Child, target: Target | None, sock: socket.socket | None
+    settings: RunSettings,
+    child: process.Child,
+    target: Target | None,
+    sock: socket.socket | None,
+    cache_report: Any = None,
 ) -> int:
     from warmgate import log
 
@@ -104,10 +162,12 @@ async def _supervise(
     if target is not None:
         from warmgate.gate import Gate
 
-        gate = Gate(settings, child, target.url, target.api_key)
+        gate = Gate(settings, child, target.url, target.api_key, cache_report)
         for warning in settings.drain_warnings():
             logger.warning("config", note=warning)
-    pumps = _start_pumps(child, gate.jit.feed if gate is not None else None)  # threads start with signals blocked
+    pumps = _start_pumps(
+        child, gate.jit.feed if gate is not None else None
+    )  # threads start with signals blocked
 
     def on_main_exit(status: int) -> None:
         loop.call_soon_threadsafe(exited.set_result, status)
@@ -155,7 +215,9 @@ async def _supervise(
 class _Stopper:
     """Stop escalation: SIGKILL the child's group if it outlives --stop-timeout."""
 
-    def __init__(self, settings: RunSettings, child: process.Child, loop: asyncio.AbstractEventLoop):
+    def __init__(
+        self, settings: RunSettings, child: process.Child, loop: asyncio.AbstractEventLoop
+    ):
         self._settings, self._child, self._loop = settings, child, loop
         self._timer: asyncio.TimerHandle | None = None
 
@@ -175,7 +237,9 @@ class _Stopper:
             self._timer.cancel()
 
 
-def _start_pumps(child: process.Child, scan: Callable[[int, bytes], None] | None) -> list[process.Pump]:
+def _start_pumps(
+    child: process.Child, scan: Callable[[int, bytes], None] | None
+) -> list[process.Pump]:
     pumps = []
     for src, dst in ((child.stdout, 1), (child.stderr, 2)):
         if src is not None:

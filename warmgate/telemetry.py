@@ -53,29 +53,43 @@ class _StateCollector:
 
     def collect(self) -> Iterator[Metric]:
         c = self._read()
-        phase = GaugeMetricFamily("warmgate_phase", "1 for the current lifecycle phase.", labels=["phase"])
-        spent = GaugeMetricFamily("warmgate_phase_seconds", "Seconds spent in each phase.", labels=["phase"])
+        phase = GaugeMetricFamily(
+            "warmgate_phase", "1 for the current lifecycle phase.", labels=["phase"]
+        )
+        spent = GaugeMetricFamily(
+            "warmgate_phase_seconds", "Seconds spent in each phase.", labels=["phase"]
+        )
         for name in PHASES:
             phase.add_metric([name], 1.0 if c.phase == name else 0.0)
             spent.add_metric([name], c.phase_seconds.get(name, 0.0))
         yield phase
         yield spent
-        yield GaugeMetricFamily("warmgate_ready", "1 while /ready answers 200.", value=float(c.phase == "ready"))
+        yield GaugeMetricFamily(
+            "warmgate_ready", "1 while /ready answers 200.", value=float(c.phase == "ready")
+        )
         yield CounterMetricFamily(
-            "warmgate_health_failures", "Upstream health checks that failed.", value=c.health_failures
+            "warmgate_health_failures",
+            "Upstream health checks that failed.",
+            value=c.health_failures,
         )
         yield CounterMetricFamily(
             "warmgate_jit_misses",
             "Engine JIT-compilation lines seen after Ready (shapes warm-up missed).",
             value=c.jit_misses,
         )
-        yield GaugeMetricFamily("warmgate_drain_seconds", "Seconds spent draining.", value=c.drain_seconds)
+        yield GaugeMetricFamily(
+            "warmgate_drain_seconds", "Seconds spent draining.", value=c.drain_seconds
+        )
         if c.drain_inflight is not None:
             yield GaugeMetricFamily(
-                "warmgate_drain_inflight", "Upstream requests in flight while draining.", value=c.drain_inflight
+                "warmgate_drain_inflight",
+                "Upstream requests in flight while draining.",
+                value=c.drain_inflight,
             )
         if c.cache_bytes:
-            cache = GaugeMetricFamily("warmgate_cache_bytes", "Compile cache size.", labels=["when"])
+            cache = GaugeMetricFamily(
+                "warmgate_cache_bytes", "Compile cache size.", labels=["when"]
+            )
             for when, size in c.cache_bytes.items():
                 cache.add_metric([when], float(size))
             yield cache

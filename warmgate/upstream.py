@@ -35,7 +35,9 @@ class ServedModel:
 class Upstream:
     """A thin async client; every method bounds its own time with `timeout`."""
 
-    def __init__(self, base_url: str, *, api_key: str | None = None, timeout: float = 120.0) -> None:
+    def __init__(
+        self, base_url: str, *, api_key: str | None = None, timeout: float = 120.0
+    ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.base_url = base_url.rstrip("/")
         # No connection-pool limit: a concurrency bucket of 64 must really be 64 in flight.
@@ -71,7 +73,9 @@ class Upstream:
 
     async def tokenize(self, model: str, text: str) -> list[int] | None:
         """Token ids of `text`, or None when the server has no /tokenize."""
-        reply = await self.request("POST", "/tokenize", {"model": model, "prompt": text}, timeout=30.0)
+        reply = await self.request(
+            "POST", "/tokenize", {"model": model, "prompt": text}, timeout=30.0
+        )
         if reply.status != 200:
             return None
         tokens = reply.body.get("tokens") if isinstance(reply.body, dict) else None

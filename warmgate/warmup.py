@@ -72,7 +72,9 @@ class Prompts:
     """Fresh prompt material: a vocabulary of ordinary token ids, and the word list."""
 
     vocab: list[int]
-    seeds: itertools.count[int] = field(default_factory=lambda: itertools.count(random.getrandbits(31)))
+    seeds: itertools.count[int] = field(
+        default_factory=lambda: itertools.count(random.getrandbits(31))
+    )
 
     def for_shape(self, shape: plan.Shape, tokens_per_word: float) -> list[int] | str:
         seed = next(self.seeds)
@@ -83,12 +85,14 @@ class Prompts:
         return ""
 
 
-async def discover(upstream: Upstream, settings: WarmupSettings) -> tuple[plan.UpstreamInfo, Prompts]:
+async def discover(
+    upstream: Upstream, settings: WarmupSettings
+) -> tuple[plan.UpstreamInfo, Prompts]:
     """What the upstream serves, and a vocabulary for token-exact prompts."""
     served = await _retry(upstream.models)
     models = []
     for m in served:
-        kind = await _model_kind(upstream, m.id)
+        kind = await _model_kind(upstream, m.id, settings.request_timeout)
         models.append(plan.ModelInfo(m.id, m.max_model_len, kind, is_lora=m.parent is not None))
     vocab: list[int] = []
     tokens_per_word = None
@@ -97,17 +101,25 @@ async def discover(upstream: Upstream, settings: WarmupSettings) -> tuple[plan.U
     if tokens:
         vocab = sorted(set(tokens) - set(await upstream.tokenize(models[0].id, "") or []))
         tokens_per_word = len(tokens) / len(plan.WORDS)
-    info = plan.UpstreamInfo(tuple(models), has_tokenize=bool(vocab), tokens_per_word=tokens_per_word)
+    info = plan.UpstreamInfo(
+        tuple(models), has_tokenize=bool(vocab), tokens_per_word=tokens_per_word
+    )
     return info, Prompts(vocab)
 
 
-async def _model_kind(upstream: Upstream, model: str) -> str:
+async def _model_kind(upstream: Upstream, model: str, timeout: float) -> str:
     """'generate' unless the model refuses completions and answers embeddings."""
     probe = {"model": model, "prompt": "hi", "max_tokens": 1}
-    reply = await upstream.request("POST", "/v1/completions", probe, request_id=_request_id(), timeout=60)
+    reply = await upstream.request(
+        "POST", "/v1/completions", probe, request_id=_request_id(), timeout=timeout
+    )
     if reply.status in (400, 404, 405, 501):
         embed = await upstream.request(
-            "POST", "/v1/embeddings", {"model": model, "input": "hi"}, request_id=_request_id(), timeout=60
+            "POST",
+            "/v1/embeddings",
+            {"model": model, "input": "hi"},
+            request_id=_request_id(),
+            timeout=timeout,
         )
         if embed.status == 200:
             return "embed"
@@ -142,7 +154,12 @@ class Runner:
         settings: WarmupSettings,
         observe: Callable[[str, float], None] | None = None,
     ) -> None:
-        self.upstream, self.plan, self.prompts, self.settings = upstream, the_plan, prompts, settings
+        self.upstream, self.plan, self.prompts, self.settings = (
+            upstream,
+            the_plan,
+            prompts,
+            settings,
+        )
         self.results = [ShapeResult(s.family, s.model, s.concurrency) for s in the_plan.shapes]
         self._observe = observe
         self._refused: set[tuple[str, str]] = set()  # (model, feature) the upstream refused
@@ -174,7 +191,9 @@ class Runner:
         except _Unsupported as exc:
             self._refused.add((shape.model, shape.feature))
             result.status, result.error = "skipped", str(exc)
-            self._log.warning("feature_unsupported", shape=shape.family, feature=shape.feature, error=str(exc))
+            self._log.warning(
+                "feature_unsupported", shape=shape.family, feature=shape.feature, error=str(exc)
+            )
             return
         except (WarmupError, httpx.HTTPError, UpstreamError) as exc:
             result.status, result.error = "failed", str(exc) or type(exc).__name__
@@ -198,7 +217,11 @@ class Runner:
                 await asyncio.sleep(BACKOFF_S * 2 ** (attempt - 1))
             try:
                 reply = await self.upstream.request(
-                    "POST", shape.endpoint, body, request_id=_request_id(), timeout=self.settings.request_timeout
+                    "POST",
+                    shape.endpoint,
+                    body,
+                    request_id=_request_id(),
+                    timeout=self.settings.request_timeout,
                 )
             except httpx.HTTPError as exc:
                 last = f"{type(exc).__name__} from {shape.endpoint}"

@@ -66,8 +66,12 @@ def load_heldout() -> list[HeldoutRequest]:
         try:
             record = json.loads(line)
             request = HeldoutRequest(
-                record["name"], record["endpoint"], record["body"],
-                int(record["prompt_tokens"]), int(record.get("concurrency", 1)))
+                record["name"],
+                record["endpoint"],
+                record["body"],
+                int(record["prompt_tokens"]),
+                int(record.get("concurrency", 1)),
+            )
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"heldout.jsonl:{n}: bad request ({e})") from None
         if PROMPT_MARKER not in json.dumps(request.body):

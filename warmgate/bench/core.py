@@ -15,6 +15,7 @@ The first/warm ratio of each held-out request is its first latency over the medi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import shlex
@@ -36,12 +37,51 @@ from warmgate.bench import HeldoutRequest, load_heldout
 
 STRATEGIES = ("health", "warmup.sh", "warmgate", "plan")
 # Words for held-out prompts: deliberately not the warm-up plan's vocabulary.
-_BENCH_WORDS = """
-    river stone lantern harbor meadow signal copper window orchard ladder winter
-    compass thunder velvet garden mirror canyon feather silver market engine
-    blanket pepper island rocket button marble candle forest planet summer shadow
-    violin helmet carpet saddle wagon tunnel basket kettle puzzle anchor bridge
-""".split()
+_BENCH_WORDS = [
+    "river",
+    "stone",
+    "lantern",
+    "harbor",
+    "meadow",
+    "signal",
+    "copper",
+    "window",
+    "orchard",
+    "ladder",
+    "winter",
+    "compass",
+    "thunder",
+    "velvet",
+    "garden",
+    "mirror",
+    "canyon",
+    "feather",
+    "silver",
+    "market",
+    "engine",
+    "blanket",
+    "pepper",
+    "island",
+    "rocket",
+    "button",
+    "marble",
+    "candle",
+    "forest",
+    "planet",
+    "summer",
+    "shadow",
+    "violin",
+    "helmet",
+    "carpet",
+    "saddle",
+    "wagon",
+    "tunnel",
+    "basket",
+    "kettle",
+    "puzzle",
+    "anchor",
+    "bridge",
+]
 _WARMUP_SH_WORDS = (100, 500, 1000)
 
 
@@ -136,8 +176,21 @@ async def run_strategy(
     argv = upstream.command(port)
     if probe_port is not None:
         extra = [*warmgate_args, *(["--plan", str(plan)] if strategy == "plan" and plan else [])]
-        argv = [sys.executable, "-m", "warmgate", "run", "--host", "127.0.0.1", "--port", str(probe_port),
-                "--log-format", "json", *extra, "--", *argv]
+        argv = [
+            sys.executable,
+            "-m",
+            "warmgate",
+            "run",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(probe_port),
+            "--log-format",
+            "json",
+            *extra,
+            "--",
+            *argv,
+        ]
     with tempfile.TemporaryDirectory(prefix="warmgate-bench-") as cache:
         env = {**os.environ, **upstream.env, **_fresh_cache_env(cache)}
         log = open(log_dir / f"{strategy}.log", "wb") if log_dir else subprocess.DEVNULL  # noqa: SIM115
@@ -152,7 +205,9 @@ async def run_strategy(
                 if strategy == "warmup.sh":
                     await _warmup_sh(client, base, model)
                 elif probe_port is not None:
-                    await _until_ok(client, f"http://127.0.0.1:{probe_port}/ready", proc, ready_timeout)
+                    await _until_ok(
+                        client, f"http://127.0.0.1:{probe_port}/ready", proc, ready_timeout
+                    )
                 outcome.spawn_to_ready_s = time.monotonic() - began
                 outcome.requests = await _mix(client, base, model, context, warm_runs)
         except (RuntimeError, httpx.HTTPError, TimeoutError) as exc:
@@ -175,7 +230,9 @@ def _fresh_cache_env(root: str) -> dict[str, str]:
     }
 
 
-async def _until_ok(client: httpx.AsyncClient, url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+async def _until_ok(
+    client: httpx.AsyncClient, url: str, proc: subprocess.Popen[bytes], timeout: float
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -199,10 +256,8 @@ async def _warmup_sh(client: httpx.AsyncClient, base: str, model: str) -> None:
     for words in _WARMUP_SH_WORDS:
         text = " ".join(random.choices(_BENCH_WORDS, k=words))
         body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 50}
-        try:
+        with contextlib.suppress(httpx.HTTPError):
             await client.post(f"{base}/v1/chat/completions", json=body)
-        except httpx.HTTPError:
-            pass
 
 
 async def _tokens_per_word(client: httpx.AsyncClient, base: str, model: str) -> float:
@@ -214,7 +269,9 @@ async def _tokens_per_word(client: httpx.AsyncClient, base: str, model: str) -> 
         return 1.5
 
 
-async def _mix(client: httpx.AsyncClient, base: str, model: str, context: int, warm_runs: int) -> list[Measured]:
+async def _mix(
+    client: httpx.AsyncClient, base: str, model: str, context: int, warm_runs: int
+) -> list[Measured]:
     rate = await _tokens_per_word(client, base, model)
     mix = load_heldout()
     results = [Measured(r.name) for r in mix]
@@ -236,14 +293,23 @@ async def _mix(client: httpx.AsyncClient, base: str, model: str, context: int, w
 
 
 async def _send(
-    client: httpx.AsyncClient, base: str, model: str, request: HeldoutRequest, rate: float, context: int
+    client: httpx.AsyncClient,
+    base: str,
+    model: str,
+    request: HeldoutRequest,
+    rate: float,
+    context: int,
 ) -> tuple[float, float | None] | str:
     """`concurrency` copies at once, each with fresh text; (wall ms, simulated cost ms) or an error."""
     words = max(1, int(min(request.prompt_tokens, context - request.max_tokens - 64) / rate))
-    bodies = [request.render(" ".join(random.choices(_BENCH_WORDS, k=words)), model)
-              for _ in range(request.concurrency)]
+    bodies = [
+        request.render(" ".join(random.choices(_BENCH_WORDS, k=words)), model)
+        for _ in range(request.concurrency)
+    ]
     began = time.perf_counter()
-    replies = await asyncio.gather(*(client.post(f"{base}{request.endpoint}", json=b) for b in bodies))
+    replies = await asyncio.gather(
+        *(client.post(f"{base}{request.endpoint}", json=b) for b in bodies)
+    )
     ms = (time.perf_counter() - began) * 1000
     bad = [r for r in replies if r.status_code != 200]
     if bad:
@@ -275,8 +341,11 @@ def report(outcomes: Sequence[Outcome]) -> str:
         )
     names = [m.name for m in outcomes[0].requests] if outcomes else []
     if names:
-        lines += ["", "| held-out request | " + " | ".join(o.strategy for o in outcomes) + " |",
-                  "|---|" + "---:|" * len(outcomes)]
+        lines += [
+            "",
+            "| held-out request | " + " | ".join(o.strategy for o in outcomes) + " |",
+            "|---|" + "---:|" * len(outcomes),
+        ]
         for i, name in enumerate(names):
             cells = []
             for o in outcomes:
@@ -307,8 +376,14 @@ def as_json(outcomes: Sequence[Outcome]) -> list[dict[str, Any]]:
             "max_ratio": o.max_ratio,
             "error": o.error,
             "requests": [
-                {"name": m.name, "first_ms": m.first_ms, "warm_ms": m.warm_ms, "ratio": m.ratio,
-                 "first_cost_ms": m.first_cost_ms, "error": m.error}
+                {
+                    "name": m.name,
+                    "first_ms": m.first_ms,
+                    "warm_ms": m.warm_ms,
+                    "ratio": m.ratio,
+                    "first_cost_ms": m.first_cost_ms,
+                    "error": m.error,
+                }
                 for m in o.requests
             ],
         }

@@ -7,7 +7,15 @@ import json
 import shlex
 from pathlib import Path
 
-from warmgate.bench.core import STRATEGIES, Outcome, as_json, command_upstream, report, run_strategy, sim_upstream
+from warmgate.bench.core import (
+    STRATEGIES,
+    Outcome,
+    as_json,
+    command_upstream,
+    report,
+    run_strategy,
+    sim_upstream,
+)
 from warmgate.errors import WarmgateError
 
 
@@ -32,12 +40,21 @@ def bench_main(
     outcomes: list[Outcome] = []
     for strategy in chosen:
         outcome = asyncio.run(
-            run_strategy(strategy, upstream, plan=plan, warm_runs=warm_runs,
-                         warmgate_args=shlex.split(warmgate_args), log_dir=out)
+            run_strategy(
+                strategy,
+                upstream,
+                plan=plan,
+                warm_runs=warm_runs,
+                warmgate_args=shlex.split(warmgate_args),
+                log_dir=out,
+            )
         )
         outcomes.append(outcome)
-        print(f"# {strategy}: ready in {outcome.spawn_to_ready_s or 0:.1f} s, "
-              f"max first/warm {outcome.max_ratio or 0:.2f}", flush=True)
+        print(
+            f"# {strategy}: ready in {outcome.spawn_to_ready_s or 0:.1f} s, "
+            f"max first/warm {outcome.max_ratio or 0:.2f}",
+            flush=True,
+        )
     text = report(outcomes)
     print(text)
     if out is not None:

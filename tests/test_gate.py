@@ -1,0 +1,326 @@
+"""Warm-up mode over `warmgate sim`: the readiness gate, failures and probes, end to end."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from wgutil import Running, events, exit_event, free_port, http_get, run, wait_for
+
+# A small, fast plan: two concurrency buckets and a 1024-token context (40 shapes).
+FAST = [
+    "--concurrency",
+    "1,4",
+    "--max-repeats",
+    "3",
+    "--health-interval",
+    "0.1",
+    "--drain-min",
+    "0",
+]
+
+
+def sim(port: int, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "warmgate",
+        "sim",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        "1024",
+        "--time-scale",
+        "0.02",
+        "--load-seconds",
+        "1",
+        *extra,
+    ]
+
+
+def gate(*wg_args: str, sim_args: tuple[str, ...] = (), fast: bool = True) -> tuple[Running, int]:
+    """warmgate run over the simulator; returns it and the bound probe port (read from the log)."""
+    args = [
+        "run",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        *(FAST if fast else []),
+        *wg_args,
+        "--",
+        *sim(free_port(), *sim_args),
+    ]
+    running = Running(args)
+    port = int(running.wait_event("listening", timeout=15)["port"])
+    return running, port
+
+
+def test_ready_is_503_until_warm_then_200_and_sigterm_drains() -> None:
+    running, port = gate(sim_args=("--time-scale", "0.05"))
+    seen: list[tuple[int, str]] = []
+    try:
+        assert http_get(port, "/startup")[0] == 503
+        assert http_get(port, "/live")[0] == 200
+
+        def ready() -> bool:
+            status, body = http_get(port, "/ready")
+            seen.append((status, body["phase"]))
+            return status == 200
+
+        wait_for(ready, timeout=120, interval=0.02)
+        assert {phase for status, phase in seen if status == 503} >= {"loading", "warming"}
+        assert all(phase == "ready" for status, phase in seen if status == 200)
+        assert http_get(port, "/startup")[0] == 200
+
+        status, body = http_get(port, "/status")
+        assert status == 200 and body["phase"] == "ready" and body["mode"] == "warmup"
+        assert body["shapes"], body
+        assert all(s["status"] in ("converged", "out_of_repeats") for s in body["shapes"])
+        assert all(s["cold_ms"] is not None and s["warm_ms"] is not None for s in body["shapes"])
+        phases = [t["phase"] for t in body["transitions"]]
+        assert phases == ["starting", "loading", "warming", "ready"]
+
+        metrics = http_get(port, "/metrics")[1]
+        assert 'warmgate_phase{phase="ready"} 1.0' in metrics
+        assert "warmgate_ready 1.0" in metrics
+        assert "warmgate_warmup_request_seconds_bucket" in metrics
+
+        running.proc.send_signal(signal.SIGTERM)
+        assert running.wait(timeout=30) == 0
+    finally:
+        running.stop()
+    assert exit_event(running.stderr)["drain"] == "emptied"
+
+
+@pytest.mark.parametrize(
+    ("phase", "sim_args"),
+    [
+        ("loading", ("--crash-during-load", "--crash-code", "3")),
+        ("warming", ("--crash-after", "2", "--crash-code", "3", "--slow", "0.3")),
+        ("ready", ("--crash-after", "6", "--crash-code", "3")),
+    ],
+)
+def test_child_crash_in_each_phase_exits_with_its_status(
+    phase: str, sim_args: tuple[str, ...]
+) -> None:
+    running, _ = gate(sim_args=sim_args)
+    try:
+        assert running.wait(timeout=60) == 3
+    finally:
+        running.stop()
+    reached = [e["phase"] for e in running.events("phase")]
+    assert phase in reached and reached[-1] == "failed", reached
+    assert exit_event(running.stderr)["code"] == 3
+
+
+@pytest.mark.parametrize(
+    ("name", "sim_args", "wg_args"),
+    [
+        ("http_500", ("--fail-first", "100000"), ()),
+        ("garbage", ("--malformed",), ()),
+        ("hang", ("--slow", "60"), ("--request-timeout", "0.3")),
+    ],
+)
+def test_broken_upstream_fails_the_pod_under_fail(
+    name: str, sim_args: tuple[str, ...], wg_args: tuple[str, ...]
+) -> None:
+    running, _ = gate(*wg_args, sim_args=sim_args)
+    try:
+        assert running.wait(timeout=60) == 70
+    finally:
+        running.stop()
+    end = exit_event(running.stderr)
+    assert end["reason"] == "warmup_failed", end
+    assert running.events("warmup_failed")
+
+
+def test_broken_upstream_is_served_anyway_under_ready() -> None:
+    running, port = gate("--on-warmup-failure", "ready", sim_args=("--malformed",))
+    try:
+        wait_for(lambda: http_get(port, "/ready")[0] == 200, timeout=60)
+        assert running.events("warmup_failed")
+        running.proc.send_signal(signal.SIGTERM)
+        assert running.wait(timeout=30) == 0
+    finally:
+        running.stop()
+
+
+def test_health_flapping_after_ready_flips_ready() -> None:
+    running, port = gate("--unhealthy-threshold", "2", sim_args=("--health-flap", "2,1.5"))
+    try:
+        wait_for(lambda: http_get(port, "/ready")[0] == 200, timeout=60)
+        wait_for(lambda: http_get(port, "/ready")[1]["phase"] == "unhealthy", timeout=10)
+        assert http_get(port, "/ready")[0] == 503
+        assert http_get(port, "/live")[0] == 200  # within --live-grace
+        wait_for(lambda: http_get(port, "/ready")[0] == 200, timeout=10)
+    finally:
+        running.stop()
+
+
+def test_jit_lines_after_ready_are_counted() -> None:
+    sim_port = free_port()
+    running = Running(
+        [
+            "run",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            *FAST,
+            "--features",
+            "greedy",
+            "--",
+            *sim(sim_port),
+        ]
+    )
+    try:
+        port = int(running.wait_event("listening")["port"])
+        wait_for(lambda: http_get(port, "/ready")[0] == 200, timeout=60)
+        assert http_get(port, "/status")[1]["jit_misses_after_ready"] == 0
+        # logprobs: a feature this warm-up (--features greedy) never touched.
+        body = b'{"model": "warmgate/sim", "prompt": "hello there", "max_tokens": 4, "logprobs": 2}'
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{sim_port}/v1/completions",
+            body,
+            {"Content-Type": "application/json"},
+        )
+        assert urllib.request.urlopen(request, timeout=30).status == 200
+        wait_for(lambda: http_get(port, "/status")[1]["jit_misses_after_ready"] >= 1, timeout=10)
+        assert "warmgate_jit_misses_total 0.0" not in http_get(port, "/metrics")[1]
+    finally:
+        running.stop()
+
+
+def _raw(port: int, payload: bytes, *, pause: float = 0.0) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        if pause:
+            conn.sendall(payload[:5])
+            time.sleep(pause)
+            payload = payload[5:]
+        try:
+            conn.sendall(payload)
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        chunks = []
+        while True:
+            try:
+                chunk = conn.recv(65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def test_probe_server_survives_bad_clients() -> None:
+    running, port = gate(sim_args=("--load-seconds", "30"))
+    try:
+        assert _raw(port, b"\x00\xffgarbage\r\n\r\n").startswith(b"HTTP/1.1 400")
+        big = b"GET /ready HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n"
+        assert _raw(port, big).split(b" ")[1] in (b"400", b"431")
+        slow = threading.Thread(
+            target=_raw,
+            args=(port, b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n"),
+            kwargs={"pause": 3.0},
+        )
+        slow.start()
+        began = time.monotonic()
+        assert http_get(port, "/ready")[0] == 503  # answered while the slow sender dawdles
+        assert time.monotonic() - began < 1.0
+        slow.join()
+        assert http_get(port, "/nope")[0] == 404
+        head = _raw(port, b"HEAD /live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and head.endswith(b"\r\n\r\n")
+        post = _raw(
+            port,
+            b"POST /ready HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )
+        assert post.startswith(b"HTTP/1.1 405")
+    finally:
+        running.stop()
+
+
+def test_probe_port_in_use_is_71() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        rc, _, err = run(
+            ["run", "--host", "127.0.0.1", "--port", str(port), "--", *sim(free_port())]
+        )
+    assert rc == 71
+    end = exit_event(err)
+    assert end["reason"] == "probe_port_unavailable" and "in use" in end["error"]
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--plan", "/nonexistent/plan.toml"],
+        ["--upstream", "localhost:8000"],
+        ["--concurrency", "1,x"],
+        ["--features", "greedy,telepathy"],
+    ],
+)
+def test_bad_warmup_options_are_usage_errors(args: list[str], tmp_path: Path) -> None:
+    rc, _, err = run(["run", "--port", "0", *args, "--", *sim(free_port())])
+    assert rc == 2, err
+    assert exit_event(err)["reason"] == "usage"
+    assert "Traceback" not in err
+
+
+def test_no_warmup_keeps_plain_init_mode() -> None:
+    rc, _, err = run(
+        ["run", "--no-warmup", "--", *sim(free_port(), "--crash-after", "1.5", "--crash-code", "5")]
+    )
+    assert rc == 5
+    assert "phase" not in exit_event(err)
+    assert next(e for e in events(err) if e["event"] == "spawn")["mode"] == "plain"
+
+
+def test_probe_command_and_oneshot_warmup() -> None:
+    sim_port = free_port()
+    running = Running(["run", "--host", "127.0.0.1", "--port", "0", *FAST, "--", *sim(sim_port)])
+    try:
+        port = int(running.wait_event("listening")["port"])
+        assert run(["probe", "ready", "--port", str(port)])[0] == 1
+        wait_for(lambda: http_get(port, "/ready")[0] == 200, timeout=60)
+        assert run(["probe", "ready", "--port", str(port)])[0] == 0
+        assert run(["probe", "startup", "--port", str(port)])[0] == 0
+        rc, _, err = run(
+            [
+                "warmup",
+                "--upstream",
+                f"http://127.0.0.1:{sim_port}",
+                "--concurrency",
+                "1",
+                "--max-repeats",
+                "2",
+                "--log-format",
+                "json",
+            ],
+            timeout=120,
+        )
+        assert rc == 0, err
+    finally:
+        running.stop()
+    assert run(["probe", "live", "--port", str(free_port())])[0] == 1
+    rc, _, err = run(["warmup", "--upstream", f"http://127.0.0.1:{free_port()}"])
+    assert rc == 1 and "Traceback" not in err
+
+
+def _status(port: int) -> dict[str, Any]:
+    return http_get(port, "/status")[1]  # type: ignore[no-any-return]

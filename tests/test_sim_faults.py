@@ -1,0 +1,99 @@
+"""Injected faults, and load: each against a real simulator process."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+
+import httpx
+import pytest
+from simutil import Sim, run_sim, sse_events
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+def test_crash_after_exits_with_the_crash_code() -> None:
+    result = run_sim(["--crash-after", "0.3", "--crash-code", "7"])
+    assert result.returncode == 7
+    assert '"crash"' in result.stderr
+
+
+def test_crash_during_load_never_listens() -> None:
+    result = run_sim(["--load-seconds", "0.4", "--crash-during-load", "--crash-code", "3"])
+    assert result.returncode == 3
+    assert '"listening"' not in result.stderr
+
+
+def test_health_flaps_between_200_and_503() -> None:
+    with Sim("--health-flap", "0.3,0.3") as sim, sim.client() as client:
+        statuses = []
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            statuses.append(client.get("/health").status_code)
+            time.sleep(0.03)
+        assert set(statuses) == {200, 503}
+        changes = sum(1 for a, b in itertools.pairwise(statuses) if a != b)
+        assert changes >= 2  # it comes back, and fails again: a flap, not a one-off
+
+
+def test_fail_first_answers_500_then_recovers() -> None:
+    with Sim("--fail-first", "2") as sim, sim.client() as client:
+        body = {"prompt": "x", "max_tokens": 2}
+        failed = [client.post("/v1/completions", json=body) for _ in range(2)]
+        assert [r.status_code for r in failed] == [500, 500]
+        assert failed[0].json()["error"]["type"] == "InternalServerError"
+        assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+        assert client.get("/health").status_code == 200
+
+
+def test_malformed_answers_200_with_garbage() -> None:
+    with Sim("--malformed") as sim:
+        response = sim.post("/v1/completions", {"prompt": "x", "max_tokens": 2})
+        assert response.status_code == 200
+        with pytest.raises(ValueError):
+            json.loads(response.content)
+        assert sim.get("/health").status_code == 200
+
+
+def test_slow_adds_seconds_to_generation_only() -> None:
+    with Sim("--slow", "0.8") as sim, sim.client() as client:
+        started = time.monotonic()
+        assert client.get("/health").status_code == 200
+        assert time.monotonic() - started < 0.8
+        started = time.monotonic()
+        assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+        assert time.monotonic() - started >= 0.8
+
+
+def test_hang_health_after_stops_answering_health_only() -> None:
+    with Sim("--hang-health-after", "1.0") as sim:
+        assert sim.get("/health").status_code == 200
+        time.sleep(1.1)
+        with pytest.raises(httpx.ReadTimeout):
+            sim.get("/health", timeout=0.5)
+        assert sim.get("/v1/models").status_code == 200
+
+
+def test_64_concurrent_requests_are_served_without_errors() -> None:
+    with Sim("--time-scale", "0.2") as sim:
+
+        async def one(client: httpx.AsyncClient, i: int) -> tuple[int, int]:
+            if i % 3 == 0:
+                response = await client.post("/v1/chat/completions", json=CHAT)
+            elif i % 3 == 1:
+                body = {"prompt": f"p{i}", "max_tokens": 8, "stream": True}
+                response = await client.post("/v1/completions", json=body)
+                assert sse_events(response.text)[-1] == "[DONE]"
+            else:
+                response = await client.post("/v1/completions", json={"prompt": f"q{i}"})
+            return response.status_code, int(response.headers["x-sim-batch-max"])
+
+        async def all_at_once() -> list[tuple[int, int]]:
+            async with sim.async_client() as client:
+                return list(await asyncio.gather(*(one(client, i) for i in range(64))))
+
+        results = asyncio.run(all_at_once())
+        assert [status for status, _ in results] == [200] * 64
+        assert max(batch for _, batch in results) > 8  # they really ran together

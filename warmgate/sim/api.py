@@ -1,0 +1,672 @@
+"""vLLM's OpenAI-compatible requests: validation, and the tokenizer endpoints.
+(Response JSON lives in `responses`.)
+
+No I/O here. Shapes, messages and status codes follow captures of the real vLLM 0.32
+CPU server. Validation runs in vLLM's order:
+1. request parsing (FastAPI/pydantic): 400, type "Bad Request", param "body.<field>";
+2. the model name: 404 NotFoundError;
+3. prompt length against max_model_len, then max_tokens is clamped to what is left;
+4. sampling parameters: 400 BadRequestError, "... (parameter=X, value=V)".
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from warmgate.sim.costs import Features
+from warmgate.sim.generate import SamplingSpec
+from warmgate.sim.tokenizer import BOS, Tokenizer, render_chat
+
+MAX_LOGPROBS = 20  # vLLM's default --max-logprobs
+_SAMPLING_EPS = 1e-5  # below this temperature vLLM samples greedily
+_INT64 = 2**63
+_NO_VALUE = object()
+_JSON_TYPES = {"string", "number", "integer", "boolean", "object", "array", "null"}
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 400,
+        err_type: str = "BadRequestError",
+        param: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.err_type = err_type
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.err_type, self.status, self.param)
+
+
+def error_body(
+    message: str, err_type: str, status: int, param: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": err_type, "param": param, "code": status}}
+
+
+def invalid(message: str, param: str | None, value: Any = _NO_VALUE) -> ApiError:
+    """vLLM's VLLMValidationError: the parameter (and value) are appended to the message."""
+    if param is None:
+        return ApiError(message)
+    shown = "" if value is _NO_VALUE else f", value={value}"
+    return ApiError(f"{message} (parameter={param}{shown})", param=param)
+
+
+def request_error(loc: str, kind: str, msg: str, value: Any, ctx: Any = None) -> ApiError:
+    """A FastAPI request-validation error as vLLM renders it (type "Bad Request")."""
+    detail: dict[str, Any] = {"type": kind, "loc": loc, "msg": msg, "input": _summary(value)}
+    if ctx is not None:
+        detail["ctx"] = ctx
+    return ApiError(f"1 validation error:\n  {detail!r}", err_type="Bad Request", param=loc)
+
+
+def _summary(value: Any) -> Any:
+    if isinstance(value, dict):
+        return f"<dict of {len(value)} items>"
+    if isinstance(value, list):
+        return f"<list of {len(value)} items>"
+    if value is None:
+        return "None"
+    return value
+
+
+def parse_body(body: bytes, content_type: str | None) -> Any:
+    """The JSON object of a POST body, checked as vLLM's `validate_json_request` does."""
+    if (content_type or "").split(";", 1)[0].strip().lower() != "application/json":
+        raise ApiError(
+            "1 validation error:\n  Unsupported Media Type: Only 'application/json' is allowed",
+            err_type="Bad Request",
+        )
+    if not body.strip():
+        raise request_error("body", "missing", "Field required", None)
+    try:
+        value = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        pos = exc.pos if isinstance(exc, json.JSONDecodeError) else exc.start
+        msg = exc.msg if isinstance(exc, json.JSONDecodeError) else "invalid UTF-8"
+        raise request_error(
+            f"body.{pos}", "json_invalid", "JSON decode error", {}, {"error": msg}
+        ) from None
+    if not isinstance(value, dict):
+        raise request_error(
+            "body",
+            "model_attributes_type",
+            "Input should be a valid dictionary or object to extract fields from",
+            value,
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    model: str
+    max_model_len: int
+    tokenizer: Tokenizer
+
+    def unknown_model(self, name: str) -> ApiError:
+        return ApiError(
+            f"The model `{name}` does not exist. Valid aliases: {self.model}.",
+            status=404,
+            err_type="NotFoundError",
+            param="model",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    ids: list[int]
+    text: str | None  # None when the client sent token ids
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """A validated /v1/completions or /v1/chat/completions request."""
+
+    chat: bool
+    model: str
+    prompts: tuple[Prompt, ...]
+    specs: tuple[SamplingSpec, ...]  # one per prompt: max_tokens depends on its length
+    n: int
+    stream: bool
+    include_usage: bool
+    echo: bool
+    logprobs: int | None  # top logprobs per output token; None when not asked for
+    prompt_logprobs: int | None
+    return_token_ids: bool
+    features: Features
+
+
+# -- reading fields ---------------------------------------------------------------------
+
+
+class _Fields:
+    """Typed access to the request object, lax the way pydantic is ("5" is an int)."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body = body
+
+    def get(self, name: str) -> Any:
+        return self.body.get(name)
+
+    def integer(self, name: str, default: int | None = None) -> int | None:
+        value = self.body.get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool):
+            return int(value)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float):
+            if value.is_integer():
+                return int(value)
+            raise self._error(
+                name, "int_from_float", "a valid integer, got a number with a fractional part"
+            )
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise self._error(
+                    name, "int_parsing", "a valid integer, unable to parse string as an integer"
+                ) from None
+        raise self._error(name, "int_type", "a valid integer")
+
+    def number(self, name: str, default: float | None = None) -> float | None:
+        value = self.body.get(name)
+        if value is None:
+            return default
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise self._error(
+                    name, "float_parsing", "a valid number, unable to parse string as a number"
+                ) from None
+        raise self._error(name, "float_type", "a valid number")
+
+    def boolean(self, name: str, default: bool = False) -> bool:
+        value = self.body.get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.lower()]
+        raise self._error(name, "bool_parsing", "a valid boolean, unable to interpret input")
+
+    def string(self, name: str) -> str | None:
+        value = self.body.get(name)
+        if value is not None and not isinstance(value, str):
+            raise self._error(name, "string_type", "a valid string")
+        return value
+
+    def int_list(self, name: str) -> list[int]:
+        value = self.body.get(name) or []
+        if not isinstance(value, list):
+            raise self._error(name, "list_type", "a valid list")
+        for index, item in enumerate(value):
+            if not _is_int(item):
+                raise request_error(
+                    f"body.{name}.{index}", "int_type", "Input should be a valid integer", item
+                )
+        return value
+
+    def stop(self) -> tuple[str, ...]:
+        value = self.body.get("stop")
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise self._error("stop", "string_type", "a valid string")
+
+    def _error(self, name: str, kind: str, expected: str) -> ApiError:
+        return request_error(f"body.{name}", kind, f"Input should be {expected}", self.get(name))
+
+
+_BOOL_WORDS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# -- generation requests ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Common:
+    """What vLLM checks while parsing a request body, before the model name."""
+
+    stream: bool
+    include_usage: bool
+    prompt_logprobs: int | None
+    json_mode: str | None
+    json_schema: Mapping[str, Any] | None
+    max_tokens: int | None
+
+
+def parse_completion(body: dict[str, Any], ctx: Context) -> Generation:
+    f = _Fields(body)
+    raw_prompts = _completion_prompts(f.get("prompt"))
+    logprobs = f.integer("logprobs")
+    if logprobs is not None and logprobs < 0 and logprobs != -1:
+        raise invalid("`logprobs` must be a positive value or -1.", "logprobs", logprobs)
+    common = _common(f, f.integer("max_tokens"))
+    _check_model(f, ctx)
+    add_special = f.boolean("add_special_tokens", True)
+    prompts = tuple(_encode_prompt(p, ctx, add_special) for p in raw_prompts)
+    return _generation(f, ctx, False, prompts, logprobs, common)
+
+
+def parse_chat(body: dict[str, Any], ctx: Context) -> Generation:
+    f = _Fields(body)
+    messages = _chat_messages(f.get("messages"))
+    top = f.integer("top_logprobs")
+    wants_logprobs = f.boolean("logprobs")
+    if top is not None and top > 0 and not wants_logprobs:
+        raise invalid("when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs")
+    if top is not None and top < 0 and top != -1:
+        raise invalid("`top_logprobs` must be a positive value or -1.", "top_logprobs", top)
+    common = _common(f, f.integer("max_completion_tokens") or f.integer("max_tokens"))
+    _check_tools(f)
+    _check_model(f, ctx)
+    text = render_chat(messages, f.boolean("add_generation_prompt", True))
+    ids = ctx.tokenizer.encode(text)
+    if f.boolean("add_special_tokens"):
+        ids = [BOS, *ids]
+    _check_length(ids, ctx, text_prompt=True)
+    logprobs = (top or 0) if wants_logprobs else None
+    return _generation(f, ctx, True, (Prompt(ids, text),), logprobs, common)
+
+
+def _common(f: _Fields, max_tokens: int | None) -> _Common:
+    stream = f.boolean("stream")
+    options = f.get("stream_options")
+    if options and not stream:
+        raise invalid("Stream options can only be defined when `stream=True`.", "stream_options")
+    include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
+    prompt_logprobs = f.integer("prompt_logprobs")
+    if prompt_logprobs is not None:
+        if stream and (prompt_logprobs > 0 or prompt_logprobs == -1):
+            raise invalid(
+                "`prompt_logprobs` are not available when `stream=True`.", "prompt_logprobs"
+            )
+        if prompt_logprobs < 0 and prompt_logprobs != -1:
+            raise invalid(
+                "`prompt_logprobs` must be a positive value or -1.",
+                "prompt_logprobs",
+                prompt_logprobs,
+            )
+    json_mode, json_schema = _structured_output(f)
+    for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty"):
+        f.number(name)
+    f.number("repetition_penalty")
+    for name in ("top_k", "n", "min_tokens", "seed"):
+        f.integer(name)
+    f.stop()
+    f.int_list("stop_token_ids")
+    for name in ("ignore_eos", "echo", "include_stop_str_in_output", "return_token_ids"):
+        f.boolean(name)
+    return _Common(stream, include_usage, prompt_logprobs, json_mode, json_schema, max_tokens)
+
+
+def _structured_output(f: _Fields) -> tuple[str | None, Mapping[str, Any] | None]:
+    fmt = f.get("response_format")
+    structured = f.get("structured_outputs")
+    if isinstance(structured, dict) and isinstance(structured.get("json"), dict):
+        return "schema", _checked_schema(structured["json"])
+    if fmt is None:
+        return None, None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind not in ("text", "json_object", "json_schema"):
+        expected = "'text', 'json_object' or 'json_schema'"
+        raise request_error(
+            "body.response_format.type",
+            "literal_error",
+            f"Input should be {expected}",
+            kind,
+            {"expected": expected},
+        )
+    assert isinstance(fmt, dict)
+    if kind == "text":
+        return None, None
+    if kind == "json_object":
+        return "object", None
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict):
+        raise invalid(
+            "When response_format type is 'json_schema', the 'json_schema' field must be provided.",
+            "response_format",
+        )
+    schema = spec.get("schema")
+    return "schema", _checked_schema(schema if isinstance(schema, dict) else {})
+
+
+def _checked_schema(schema: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The grammar compiler's complaint about an unknown JSON-schema type, as xgrammar's."""
+    stack: list[Any] = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            kind = node.get("type")
+            if isinstance(kind, str) and kind not in _JSON_TYPES:
+                raise ApiError(f"Grammar error: Invalid type: {kind}")
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return schema
+
+
+def _check_tools(f: _Fields) -> None:
+    if f.get("tools") and f.get("tool_choice") == "auto":
+        raise ApiError(
+            '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'
+        )
+
+
+def _check_model(f: _Fields, ctx: Context) -> None:
+    model = f.string("model")
+    if model is not None and model != ctx.model:
+        raise ctx.unknown_model(model)
+
+
+def _completion_prompts(prompt: Any) -> list[str | list[int]]:
+    if prompt is None or prompt == "" or prompt == []:
+        raise invalid("Either prompt or prompt_embeds must be provided and non-empty.", "prompt")
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list):
+        if all(_is_int(t) for t in prompt):
+            return [prompt]
+        if all(isinstance(p, str) for p in prompt):
+            return list(prompt)
+        if all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt):
+            return list(prompt)
+    raise request_error("body.prompt", "string_type", "Input should be a valid string", prompt)
+
+
+def _chat_messages(messages: Any) -> list[tuple[str, str]]:
+    if messages is None:
+        raise request_error("body.messages", "missing", "Field required", None)
+    if not isinstance(messages, list):
+        raise request_error("body.messages", "list_type", "Input should be a valid list", messages)
+    out: list[tuple[str, str]] = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            # pydantic reports the first member of vLLM's message union that failed.
+            loc = f"body.messages.{index}.ChatCompletionDeveloperMessageParam.role"
+            raise request_error(loc, "missing", "Field required", message)
+        out.append((message["role"], _message_text(index, message.get("content"))))
+    return out
+
+
+def _message_text(index: int, content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(
+            str(part.get("text", ""))
+            for part in content
+            if isinstance(part, dict) and part.get("type") == "text"
+        )
+    loc = f"body.messages.{index}.content"
+    raise request_error(loc, "string_type", "Input should be a valid string", content)
+
+
+def _encode_prompt(prompt: str | list[int], ctx: Context, add_special: bool) -> Prompt:
+    if isinstance(prompt, str):
+        ids = ctx.tokenizer.encode(prompt)
+        ids = [BOS, *ids] if add_special else ids
+        _check_length(ids, ctx, text_prompt=True)
+        return Prompt(ids, prompt)
+    for token_id in prompt:
+        if not 0 <= token_id < ctx.tokenizer.vocab_size:
+            raise ApiError(f"Token id {token_id} is out of vocabulary")
+    _check_length(prompt, ctx, text_prompt=False)
+    return Prompt(list(prompt), None)
+
+
+def _check_length(ids: Sequence[int], ctx: Context, text_prompt: bool) -> None:
+    limit = ctx.max_model_len
+    if len(ids) <= limit:
+        return
+    # vLLM tokenises text with truncation at limit + 1, so it only knows "at least".
+    count = f"at least {limit + 1}" if text_prompt else str(len(ids))
+    raise invalid(
+        f"This model's maximum context length is {limit} tokens. However, your prompt "
+        f"contains {count} input tokens, which exceeds this limit even without any output "
+        "tokens. Please reduce the length of the input prompt.",
+        "input_tokens",
+        limit + 1 if text_prompt else len(ids),
+    )
+
+
+def _generation(
+    f: _Fields,
+    ctx: Context,
+    chat: bool,
+    prompts: tuple[Prompt, ...],
+    logprobs: int | None,
+    common: _Common,
+) -> Generation:
+    requested = common.max_tokens
+    if requested is not None and requested > ctx.max_model_len:
+        raise invalid(
+            f"max_tokens={requested} cannot be greater than max_model_len={ctx.max_model_len}. "
+            "Please request fewer output tokens.",
+            "max_tokens",
+            requested,
+        )
+    specs = tuple(_spec(f, ctx, p, requested, common) for p in prompts)
+    n = f.integer("n", 1)
+    assert n is not None
+    if n < 1:
+        raise invalid(f"n must be at least 1, got {n}.", None)
+    if logprobs is not None and logprobs > MAX_LOGPROBS:
+        raise invalid(
+            f"Requested sample logprobs of {logprobs}, which is greater than max allowed: "
+            f"{MAX_LOGPROBS}",
+            "logprobs",
+            logprobs,
+        )
+    prompt_logprobs = common.prompt_logprobs
+    if prompt_logprobs is not None and prompt_logprobs > MAX_LOGPROBS:
+        raise invalid(
+            f"Requested prompt logprobs of {prompt_logprobs}, which is greater than max "
+            f"allowed: {MAX_LOGPROBS}",
+            "prompt_logprobs",
+            prompt_logprobs,
+        )
+    temperature = specs[0].temperature
+    features = Features(
+        sampling=_sampling_path(f, temperature),
+        penalties=_has_penalties(f),
+        seeded=f.get("seed") is not None and temperature >= _SAMPLING_EPS,
+        logprobs=logprobs is not None,
+        prompt_logprobs=prompt_logprobs is not None,
+        grammar=_grammar_key(common),
+        chat=chat,
+        stream=common.stream,
+        n=n,
+    )
+    return Generation(
+        chat=chat,
+        model=ctx.model,
+        prompts=prompts,
+        specs=specs,
+        n=n,
+        stream=common.stream,
+        include_usage=common.include_usage,
+        echo=f.boolean("echo") and not chat,
+        logprobs=_all_if_minus_one(logprobs),
+        prompt_logprobs=_all_if_minus_one(prompt_logprobs),
+        return_token_ids=f.boolean("return_token_ids"),
+        features=features,
+    )
+
+
+def _all_if_minus_one(k: int | None) -> int | None:
+    return MAX_LOGPROBS if k == -1 else k
+
+
+def _spec(
+    f: _Fields, ctx: Context, prompt: Prompt, requested: int | None, common: _Common
+) -> SamplingSpec:
+    # vLLM clamps max_tokens to the context left (an omitted one takes all of it).
+    left = ctx.max_model_len - len(prompt.ids)
+    max_tokens = left if requested is None else min(requested, left)
+    temperature = _check_sampling(f, max_tokens)
+    return SamplingSpec(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        seed=f.integer("seed"),
+        ignore_eos=f.boolean("ignore_eos"),
+        min_tokens=f.integer("min_tokens", 0) or 0,
+        stop=f.stop(),
+        stop_token_ids=tuple(f.int_list("stop_token_ids")),
+        include_stop_str_in_output=f.boolean("include_stop_str_in_output"),
+        json_mode=common.json_mode,
+        json_schema=common.json_schema,
+    )
+
+
+def _check_sampling(f: _Fields, max_tokens: int) -> float:
+    """vLLM's SamplingParams checks, with its messages; returns the temperature."""
+    temperature = f.number("temperature", 1.0)
+    assert temperature is not None
+    _require(
+        temperature >= 0, "temperature", f"must be non-negative, got {temperature}.", temperature
+    )
+    top_p = f.number("top_p", 1.0)
+    _require(
+        top_p is not None and 0 < top_p <= 1, "top_p", f"must be in (0, 1], got {top_p}.", top_p
+    )
+    top_k = f.integer("top_k", 0)
+    _require(
+        top_k is not None and top_k >= -1,
+        "top_k",
+        f"must be 0 (disable), or at least 1, got {top_k}.",
+        top_k,
+    )
+    min_p = f.number("min_p", 0.0)
+    _require(
+        min_p is not None and 0 <= min_p <= 1, "min_p", f"must be in [0, 1], got {min_p}.", min_p
+    )
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = f.number(name, 0.0)
+        _require(
+            value is not None and -2 <= value <= 2, name, f"must be in [-2, 2], got {value}.", value
+        )
+    repetition = f.number("repetition_penalty", 1.0)
+    _require(
+        repetition is not None and repetition > 0,
+        "repetition_penalty",
+        f"must be greater than zero, got {repetition}.",
+        repetition,
+    )
+    _require(max_tokens >= 1, "max_tokens", f"must be at least 1, got {max_tokens}.", max_tokens)
+    min_tokens = f.integer("min_tokens", 0) or 0
+    _require(
+        min_tokens >= 0,
+        "min_tokens",
+        f"must be greater than or equal to 0, got {min_tokens}.",
+        min_tokens,
+    )
+    _require(
+        min_tokens <= max_tokens,
+        "min_tokens",
+        f"must be less than or equal to max_tokens={max_tokens}, got {min_tokens}.",
+        min_tokens,
+    )
+    seed = f.integer("seed")
+    _require(
+        seed is None or -_INT64 <= seed < _INT64, "seed", f"must fit in 64 bits, got {seed}.", seed
+    )
+    return temperature
+
+
+def _require(ok: bool, name: str, rest: str, value: Any) -> None:
+    if not ok:
+        raise invalid(f"{name} {rest}", name, value)
+
+
+def _sampling_path(f: _Fields, temperature: float) -> str:
+    if temperature < _SAMPLING_EPS:
+        return "greedy"
+    top_p, top_k = f.number("top_p", 1.0), f.integer("top_k", 0)
+    min_p = f.number("min_p", 0.0)
+    if (top_p or 1.0) < 1.0 or (top_k or 0) > 0 or (min_p or 0.0) > 0:
+        return "top_p_top_k"
+    return "random"
+
+
+def _has_penalties(f: _Fields) -> bool:
+    return (
+        (f.number("presence_penalty", 0.0) or 0.0) != 0
+        or (f.number("frequency_penalty", 0.0) or 0.0) != 0
+        or (f.number("repetition_penalty", 1.0) or 1.0) != 1
+    )
+
+
+def _grammar_key(common: _Common) -> str | None:
+    if common.json_mode is None:
+        return None
+    if common.json_mode == "object":
+        return "object"
+    canonical = json.dumps(common.json_schema, sort_keys=True).encode()
+    return f"schema-{zlib.crc32(canonical):08x}"
+
+
+# -- tokenizer endpoints ---------------------------------------------------------------
+
+
+def tokenize(body: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    f = _Fields(body)
+    if "messages" in body:
+        messages = _chat_messages(f.get("messages"))
+        text = render_chat(messages, f.boolean("add_generation_prompt", True))
+        add_special = f.boolean("add_special_tokens", False)
+    else:
+        text = f.string("prompt") or ""
+        if "prompt" not in body:
+            raise request_error("body.prompt", "missing", "Field required", None)
+        add_special = f.boolean("add_special_tokens", True)
+    return_strs = f.boolean("return_token_strs")
+    _check_model(f, ctx)
+    tokens = ctx.tokenizer.encode(text)
+    if add_special:
+        tokens = [BOS, *tokens]
+    return {
+        "count": len(tokens),
+        "max_model_len": ctx.max_model_len,
+        "tokens": tokens,
+        "token_strs": [ctx.tokenizer.token_str(t) for t in tokens] if return_strs else None,
+    }
+
+
+def detokenize(body: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    f = _Fields(body)
+    if "tokens" not in body:
+        raise request_error("body.tokens", "missing", "Field required", None)
+    tokens = f.int_list("tokens")
+    _check_model(f, ctx)
+    # Like vLLM, ids outside the vocabulary are dropped rather than refused.
+    known = [t for t in tokens if 0 <= t < ctx.tokenizer.vocab_size]
+    return {"prompt": ctx.tokenizer.decode(known)}

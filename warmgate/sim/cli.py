@@ -1,0 +1,124 @@
+"""`warmgate sim`: options only; `server.run_sim` does the work.
+
+Every option can also be set as WARMGATE_SIM_<OPTION> (e.g. WARMGATE_SIM_MAX_MODEL_LEN).
+The main CLI registers this with `app.command("sim")(sim_command)`.
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+
+class OnSigterm(StrEnum):
+    abort = "abort"
+    hang = "hang"
+    drain = "drain"
+
+
+def _opt(name: str, help_text: str) -> Any:
+    flag = "--" + name.lower().replace("_", "-")
+    return typer.Option(flag, envvar=f"WARMGATE_SIM_{name}", help=help_text)
+
+
+def sim_command(
+    host: Annotated[str, _opt("HOST", "Address to listen on.")] = "0.0.0.0",
+    port: Annotated[int, _opt("PORT", "Port to listen on; 0 picks a free one.")] = 8000,
+    model: Annotated[str, _opt("MODEL", "Served model name.")] = "warmgate/sim",
+    max_model_len: Annotated[int, _opt("MAX_MODEL_LEN", "Context length in tokens.")] = 4096,
+    load_seconds: Annotated[
+        float, _opt("LOAD_SECONDS", "Seconds of model loading before the port opens.")
+    ] = 2.0,
+    listen_early: Annotated[
+        bool, _opt("LISTEN_EARLY", "Listen during loading, answering 503 to everything.")
+    ] = False,
+    time_scale: Annotated[
+        float, _opt("TIME_SCALE", "Real seconds slept per simulated second (0: no sleeping).")
+    ] = 1.0,
+    costs: Annotated[
+        Path | None, _opt("COSTS", "TOML or JSON file overriding the cost profile.")
+    ] = None,
+    profile: Annotated[str, _opt("PROFILE", "Built-in cost profile: cpu or h100.")] = "cpu",
+    max_num_seqs: Annotated[
+        int, _opt("MAX_NUM_SEQS", "Sequences per batch; more requests wait.")
+    ] = 256,
+    on_sigterm: Annotated[
+        OnSigterm,
+        _opt(
+            "ON_SIGTERM",
+            "abort: end in-flight requests (vLLM's default); hang: never finish them; "
+            "drain: finish them, refuse new ones.",
+        ),
+    ] = OnSigterm.abort,
+    crash_after: Annotated[
+        float | None,
+        _opt("CRASH_AFTER", "Exit with --crash-code this many seconds after start."),
+    ] = None,
+    crash_code: Annotated[int, _opt("CRASH_CODE", "Exit code of a simulated crash.")] = 1,
+    crash_during_load: Annotated[
+        bool, _opt("CRASH_DURING_LOAD", "Crash half-way through loading.")
+    ] = False,
+    health_flap: Annotated[
+        str | None,
+        _opt(
+            "HEALTH_FLAP",
+            'After loading, /health is 200 for OK_S then 503 for BAD_S, repeating: "OK_S,BAD_S".',
+        ),
+    ] = None,
+    hang_health_after: Annotated[
+        float | None,
+        _opt("HANG_HEALTH_AFTER", "Seconds after loading when /health stops answering."),
+    ] = None,
+    fail_first: Annotated[
+        int, _opt("FAIL_FIRST", "Answer HTTP 500 to the first K generation requests.")
+    ] = 0,
+    malformed: Annotated[
+        bool, _opt("MALFORMED", "Generation endpoints answer 200 with non-JSON garbage.")
+    ] = False,
+    slow: Annotated[float, _opt("SLOW", "Extra seconds before each generation response.")] = 0.0,
+    log_level: Annotated[str, _opt("LOG_LEVEL", "debug, info, warning or error.")] = "info",
+) -> None:
+    """Run a deterministic vLLM stand-in with lazy-compilation costs and injectable faults."""
+    # Imported here, not at the top: `warmgate run` loads this module to build its
+    # CLI and must exec its child before anything heavy is imported.
+    from warmgate import log as wglog
+    from warmgate.sim.settings import SettingsError, SimSettings, load_costs, parse_flap
+
+    wglog.configure(log_level)
+    try:
+        settings = SimSettings(
+            host=host,
+            port=port,
+            model=model,
+            max_model_len=max_model_len,
+            load_seconds=load_seconds,
+            listen_early=listen_early,
+            time_scale=time_scale,
+            costs=load_costs(costs, profile),
+            max_num_seqs=max_num_seqs,
+            on_sigterm=on_sigterm.value,
+            crash_after=crash_after,
+            crash_code=crash_code,
+            crash_during_load=crash_during_load,
+            health_flap=parse_flap(health_flap),
+            hang_health_after=hang_health_after,
+            fail_first=fail_first,
+            malformed=malformed,
+            slow=slow,
+        )
+    except SettingsError as exc:
+        print(f"warmgate sim: {exc}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    raise typer.Exit(_run(settings))
+
+
+def _run(settings: Any) -> int:
+    import uvloop
+
+    from warmgate.sim.server import run_sim
+
+    return uvloop.run(run_sim(settings))

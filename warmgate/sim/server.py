@@ -1,0 +1,465 @@
+"""The simulator process: routes, start-up and shutdown like vLLM's, injected faults.
+
+Lifecycle: loading (port closed, or 503 on everything with --listen-early) -> serving ->
+on SIGTERM one of: abort (vLLM's default: in-flight requests end with finish_reason
+"abort", exit 0), hang (stop accepting, never finish, exit once every client is gone),
+drain (finish in-flight, 503 to new requests, exit 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from warmgate import log as wglog
+from warmgate.httpserver import Request, Response, Server, start_server
+from warmgate.sim import api, responses
+from warmgate.sim.engine import Engine, EngineRequest, SeqState, Update
+from warmgate.sim.generate import plan_sequence
+from warmgate.sim.metrics import CONTENT_TYPE, SimMetrics
+from warmgate.sim.settings import VERSION, SimSettings
+from warmgate.sim.tokenizer import Tokenizer
+
+SSE_TYPE = "text/event-stream; charset=utf-8"
+_MAX_CONNECTIONS = 1024
+_ABORT_FLUSH_S = 5.0  # after SIGTERM (abort), how long aborted responses may take to go out
+_CLOSE_GRACE_S = 2.0
+_GARBAGE = b"<html><body>502 Bad Gateway</body></html>\x00\xff{not json"
+# Endpoints that need vLLM's engine or its tokenizer pool, refused after SIGTERM.
+_ENGINE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"})
+
+
+def jit_line(key: str, ms: float) -> str:
+    """The line a supervisor counts: shaped like vLLM's JIT compilation monitor."""
+    return (
+        f"Triton kernel JIT compilation during inference: {key}. "
+        f"Simulated compile time {ms:.1f} ms; warm this shape up before serving traffic."
+    )
+
+
+class _Batch:
+    """The engine requests of one HTTP request (one per prompt), sharing one queue.
+    Progress is tracked on the consumer's side: the engine may be steps ahead."""
+
+    def __init__(self, engine: Engine, jobs: list[EngineRequest], request_ms: float) -> None:
+        self._engine = engine
+        self.jobs = jobs
+        self._request_ms = request_ms
+        self._started: set[int] = set()
+        self._finished: set[int] = set()
+
+    @property
+    def finished(self) -> bool:
+        """Every job's last update has been taken from the queue."""
+        return len(self._finished) == len(self.jobs)
+
+    @property
+    def results(self) -> list[list[SeqState]]:
+        return [job.seqs for job in self.jobs]
+
+    async def next_update(self) -> Update:
+        update = await self.jobs[0].sink.get()
+        self._started.add(update.job)
+        if update.done:
+            self._finished.add(update.job)
+        return update
+
+    async def wait_done(self) -> None:
+        while not self.finished:
+            await self.next_update()
+
+    async def first_updates(self) -> list[Update]:
+        """Updates up to the point where every job has produced its first token."""
+        updates: list[Update] = []
+        while len(self._started) < len(self.jobs):
+            updates.append(await self.next_update())
+        return updates
+
+    def cancel(self) -> None:
+        for job in self.jobs:
+            self._engine.cancel(job)
+
+    def cost_headers(self, first_token: bool = False) -> list[tuple[str, str]]:
+        def end(job: EngineRequest) -> float:
+            mark = job.first_token_ms if first_token else job.finish_ms
+            return mark if mark is not None else job.arrival_ms
+
+        cost = max(end(job) - job.arrival_ms for job in self.jobs) + self._request_ms
+        compiled = [key for job in self.jobs for key in job.compiled]
+        return [
+            ("x-sim-cost-ms", f"{cost:.3f}"),
+            ("x-sim-compile-ms", f"{sum(job.compile_ms for job in self.jobs):.3f}"),
+            ("x-sim-compiled", ",".join(compiled)),
+            ("x-sim-cached-tokens", str(sum(job.cached_tokens for job in self.jobs))),
+            ("x-sim-batch-max", str(max(job.batch_max for job in self.jobs))),
+            ("x-sim-cost-scope", "first-token" if first_token else "total"),
+        ]
+
+
+Route = Callable[[Request], Awaitable[Response]]
+
+
+class Simulator:
+    def __init__(self, settings: SimSettings) -> None:
+        self._s = settings
+        self._log = wglog.get("warmgate.sim")
+        self._tok = Tokenizer()
+        self._ctx = api.Context(settings.model, settings.max_model_len, self._tok)
+        self._engine = Engine(
+            settings.costs,
+            time_scale=settings.time_scale,
+            max_num_seqs=settings.max_num_seqs,
+            on_compile=self._on_compile,
+            on_finish=self._on_finish,
+        )
+        self._metrics = SimMetrics(settings.model, self._engine)
+        self._server: Server | None = None
+        self._phase = "loading"  # loading | serving | draining | stopping
+        self._loaded_at = 0.0
+        self._generation_requests = 0
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._signalled = asyncio.Event()
+        self._signals = 0
+        self._routes: dict[str, tuple[str, Route]] = {
+            "/health": ("GET", self._health),
+            "/ping": ("GET", self._health),
+            "/load": ("GET", self._load_page),
+            "/version": ("GET", self._version),
+            "/v1/models": ("GET", self._models),
+            "/metrics": ("GET", self._metrics_page),
+            "/tokenize": ("POST", self._tokenize),
+            "/detokenize": ("POST", self._detokenize),
+            "/v1/completions": ("POST", self._completions),
+            "/v1/chat/completions": ("POST", self._chat),
+        }
+
+    # -- process lifecycle ---------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        async with asyncio.TaskGroup() as tg:
+            background = [tg.create_task(self._engine.run())]
+            if self._s.crash_after is not None:
+                background.append(tg.create_task(self._crash_later(self._s.crash_after)))
+            try:
+                return await self._lifecycle()
+            finally:
+                for task in background:
+                    task.cancel()
+
+    async def _lifecycle(self) -> int:
+        s = self._s
+        self._log.info(
+            "starting", model=s.model, max_model_len=s.max_model_len,
+            load_seconds=s.load_seconds, on_sigterm=s.on_sigterm, time_scale=s.time_scale,
+        )  # fmt: skip
+        if s.listen_early and not await self._listen():
+            return 1
+        if not await self._load():
+            self._log.info("stopped", reason="signal during loading", exit_code=0)
+            if self._server is not None:
+                self._server.close()
+            return 0
+        self._phase = "serving"
+        self._loaded_at = time.monotonic()
+        self._log.info("loaded", model=s.model)
+        if self._server is None and not await self._listen():
+            return 1
+        # uvicorn's line, which people (and supervisors) look for in vLLM's output.
+        print("INFO:     Application startup complete.", file=sys.stderr, flush=True)
+        await self._signalled.wait()
+        return await self._shutdown()
+
+    async def _load(self) -> bool:
+        """Sleep through model loading; False when a signal ends it first."""
+        if self._s.crash_during_load:
+            if await self._wait_signal(self._s.load_seconds / 2):
+                return False
+            self._crash("--crash-during-load")
+        return not await self._wait_signal(self._s.load_seconds)
+
+    async def _wait_signal(self, seconds: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._signalled.wait()
+                return True
+        return False
+
+    async def _listen(self) -> bool:
+        s = self._s
+        try:
+            self._server = await start_server(
+                self._handle, s.host, s.port, max_connections=_MAX_CONNECTIONS
+            )
+        except OSError as exc:
+            self._log.error(
+                "listen_failed",
+                error=f"--host {s.host} --port {s.port}: {exc.strerror} (another server?)",
+            )
+            return False
+        loaded = self._phase != "loading"
+        self._log.info("listening", host=s.host, port=self._server.port, loaded=loaded)
+        return True
+
+    async def _shutdown(self) -> int:
+        server = self._server
+        assert server is not None
+        mode = self._s.on_sigterm
+        self._log.info("shutting_down", mode=mode, in_flight=self._in_flight)
+        if mode == "hang":
+            self._phase = "stopping"
+            self._engine.freeze()
+            server.close()
+            await server.wait_connections_closed()
+        elif mode == "drain":
+            self._phase = "draining"
+            await self._idle.wait()
+        else:
+            self._phase = "stopping"
+            server.close()
+            self._engine.abort_all()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_ABORT_FLUSH_S):
+                    await self._idle.wait()
+        server.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_CLOSE_GRACE_S):
+                await server.wait_connections_closed()
+        self._log.info("stopped", mode=mode, exit_code=0)
+        return 0
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals += 1
+        name = signal.Signals(signum).name
+        if self._signals == 1:
+            self._log.info("signal", signal=name, mode=self._s.on_sigterm)
+            self._signalled.set()
+        elif signum == signal.SIGTERM and self._s.on_sigterm == "hang":
+            self._log.info("signal_ignored", signal=name, reason="--on-sigterm hang")
+        else:
+            self._log.warning("forced_exit", signal=name, exit_code=128 + signum)
+            os._exit(128 + signum)
+
+    async def _crash_later(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        self._crash("--crash-after")
+
+    def _crash(self, reason: str) -> None:
+        self._log.error("crash", reason=reason, exit_code=self._s.crash_code)
+        os._exit(self._s.crash_code)  # a crash: no cleanup, no flushing of responses
+
+    def _on_compile(self, key: str, ms: float) -> None:
+        print(jit_line(key, ms), file=sys.stderr, flush=True)
+        self._metrics.observe_compile(key, ms)
+
+    def _on_finish(self, request: EngineRequest, reason: str) -> None:
+        self._metrics.observe_finish(reason, request.cost_ms / 1000)
+
+    # -- routing -------------------------------------------------------------------------
+
+    async def _handle(self, request: Request) -> Response:
+        route = self._routes.get(request.path)
+        if route is None:
+            return Response.json({"detail": "Not Found"}, 404)
+        method, handler = route
+        if request.method != method:
+            return Response.json({"detail": "Method Not Allowed"}, 405, [("allow", method)])
+        if self._phase == "loading":
+            return self._loading(request)
+        if self._phase != "serving" and request.path in _ENGINE_PATHS:
+            # vLLM after SIGTERM: its executors are shut down, so work is refused with a
+            # 500 while /health and the other cheap endpoints keep answering.
+            body = api.error_body(
+                "cannot schedule new futures after shutdown", "InternalServerError", 500
+            )
+            return Response.json(body, 500)
+        return await handler(request)
+
+    def _loading(self, request: Request) -> Response:
+        # --listen-early: SGLang and llama.cpp answer 503 to everything while loading.
+        if request.path in ("/health", "/ping"):
+            return Response(503)
+        body = api.error_body("The server is loading the model.", "ServiceUnavailableError", 503)
+        return Response.json(body, 503)
+
+    async def _health(self, request: Request) -> Response:
+        up = time.monotonic() - self._loaded_at
+        hang_after = self._s.hang_health_after
+        if hang_after is not None and up >= hang_after:
+            await asyncio.get_running_loop().create_future()  # until the client gives up
+        flap = self._s.health_flap
+        if flap is not None and up % (flap[0] + flap[1]) >= flap[0]:
+            return Response(503)
+        return Response(200)
+
+    async def _load_page(self, request: Request) -> Response:
+        return Response.json({"server_load": self._in_flight})
+
+    async def _version(self, request: Request) -> Response:
+        return Response.json({"version": VERSION})
+
+    async def _models(self, request: Request) -> Response:
+        return Response.json(responses.models_response(self._ctx))
+
+    async def _metrics_page(self, request: Request) -> Response:
+        return Response(200, self._metrics.render(), content_type=CONTENT_TYPE)
+
+    async def _tokenize(self, request: Request) -> Response:
+        return self._json_call(request, api.tokenize)
+
+    async def _detokenize(self, request: Request) -> Response:
+        return self._json_call(request, api.detokenize)
+
+    def _json_call(
+        self, request: Request, fn: Callable[[dict[str, Any], api.Context], dict[str, Any]]
+    ) -> Response:
+        try:
+            return Response.json(fn(_body(request), self._ctx))
+        except api.ApiError as exc:
+            return Response.json(exc.body(), exc.status)
+
+    # -- generation ----------------------------------------------------------------------
+
+    async def _completions(self, request: Request) -> Response:
+        return await self._generate(request, api.parse_completion)
+
+    async def _chat(self, request: Request) -> Response:
+        return await self._generate(request, api.parse_chat)
+
+    async def _generate(
+        self, request: Request, parse: Callable[[dict[str, Any], api.Context], api.Generation]
+    ) -> Response:
+        self._generation_requests += 1
+        number = self._generation_requests
+        self._begin()
+        handed_to_stream = False
+        try:
+            if self._s.slow:
+                await asyncio.sleep(self._s.slow)
+            if number <= self._s.fail_first:
+                body = api.error_body(
+                    f"Simulated failure {number} of {self._s.fail_first} (--fail-first).",
+                    "InternalServerError",
+                    500,
+                )
+                return Response.json(body, 500)
+            if self._s.malformed:
+                return Response(200, _GARBAGE, content_type="application/json")
+            try:
+                gen = parse(_body(request), self._ctx)
+            except api.ApiError as exc:
+                return Response.json(exc.body(), exc.status)
+            table = self._s.costs
+            await asyncio.sleep(table.request_ms / 1000 * self._s.time_scale)
+            batch = self._submit(gen)
+            try:
+                if gen.stream:
+                    response = await self._start_stream(gen, batch)
+                    handed_to_stream = True
+                    return response
+                await batch.wait_done()
+            finally:
+                if not handed_to_stream:
+                    batch.cancel()  # no-op once finished; the client left otherwise
+            ids = responses.Ids.new(gen.chat)
+            build = responses.chat_response if gen.chat else responses.completion_response
+            payload = build(gen, batch.results, ids, self._tok)
+            return Response.json(payload, headers=batch.cost_headers())
+        finally:
+            if not handed_to_stream:
+                self._end()
+
+    def _submit(self, gen: api.Generation) -> _Batch:
+        sink: asyncio.Queue[Update] = asyncio.Queue()
+        jobs = []
+        for job, (prompt, spec) in enumerate(zip(gen.prompts, gen.specs, strict=True)):
+            seqs = [SeqState(plan_sequence(self._tok, prompt.ids, spec, i)) for i in range(gen.n)]
+            request = EngineRequest(job, prompt.ids, seqs, gen.features, sink)
+            self._engine.submit(request)
+            jobs.append(request)
+        return _Batch(self._engine, jobs, self._s.costs.request_ms)
+
+    async def _start_stream(self, gen: api.Generation, batch: _Batch) -> Response:
+        # Headers wait for the first token, so they can carry the one-time costs paid.
+        first = await batch.first_updates()
+        ids = responses.Ids.new(gen.chat)
+        body = self._sse(gen, batch, ids, first)
+        return Response(200, body, batch.cost_headers(first_token=True), SSE_TYPE)
+
+    async def _sse(
+        self, gen: api.Generation, batch: _Batch, ids: responses.Ids, first: list[Update]
+    ) -> AsyncIterator[bytes]:
+        try:
+            for chunk in responses.role_chunks(gen, ids):
+                yield responses.sse(chunk)
+            for update in first:
+                yield self._update_events(gen, batch, ids, update, first[-1] is update)
+            while not batch.finished:
+                yield self._update_events(gen, batch, ids, await batch.next_update(), True)
+            if gen.include_usage:
+                usage = responses.usage_chunk(gen, ids, batch.results)
+                yield responses.sse({**usage, "system_fingerprint": responses.SYSTEM_FINGERPRINT})
+            yield _cost_comment(batch)
+            yield responses.sse("[DONE]")
+        finally:
+            batch.cancel()
+            self._end()
+
+    def _update_events(
+        self, gen: api.Generation, batch: _Batch, ids: responses.Ids, update: Update, latest: bool
+    ) -> bytes:
+        positions = {index: range(pos, pos + 1) for index, pos in update.emitted}
+        reasons = dict(update.finished)
+        seqs = batch.jobs[update.job].seqs
+        chunks = []
+        for index in sorted(positions.keys() | reasons.keys()):
+            span = positions.get(index, range(seqs[index].emitted, seqs[index].emitted))
+            chunks.append(
+                responses.delta_chunk(
+                    gen, ids, update.job, index, seqs[index], span, reasons.get(index), self._tok
+                )
+            )
+        if chunks and latest and batch.finished and not gen.include_usage:
+            # vLLM puts the fingerprint on the last chunk before [DONE].
+            chunks[-1]["system_fingerprint"] = responses.SYSTEM_FINGERPRINT
+        return b"".join(responses.sse(chunk) for chunk in chunks)
+
+    def _begin(self) -> None:
+        self._in_flight += 1
+        self._idle.clear()
+
+    def _end(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
+
+
+def _body(request: Request) -> dict[str, Any]:
+    body: dict[str, Any] = api.parse_body(request.body, request.headers.get("content-type"))
+    return body
+
+
+def _cost_comment(batch: _Batch) -> bytes:
+    """The whole stream's cost as an SSE comment: clients ignore it, tests read it."""
+    headers = dict(batch.cost_headers())
+    cost = {
+        "cost_ms": float(headers["x-sim-cost-ms"]),
+        "compile_ms": float(headers["x-sim-compile-ms"]),
+        "compiled": [k for k in headers["x-sim-compiled"].split(",") if k],
+    }
+    return f": sim-cost {json.dumps(cost)}\n\n".encode()
+
+
+async def run_sim(settings: SimSettings) -> int:
+    return await Simulator(settings).run()
