@@ -422,7 +422,9 @@ def bench(
             help="Server command line to benchmark (host/port appended); default: warmgate sim.",
         ),
     ] = None,
-    sim_args: Annotated[str, typer.Option(help="Extra arguments for the simulator.")] = "",
+    sim_args: Annotated[str, typer.Option(help="Arguments for the simulator.")] = (
+        "--max-model-len 2048 --time-scale 0.25 --load-seconds 2"
+    ),
     strategies: Annotated[
         str, typer.Option(help="Comma list of health, warmup.sh, warmgate, plan.")
     ] = ("health,warmup.sh,warmgate"),

@@ -122,6 +122,11 @@ class Measured:
     first_ms: float | None = None
     warm_ms: list[float] = field(default_factory=list)
     first_cost_ms: float | None = None  # the simulator's own report, when present
+    first_compile_ms: float | None = None  # the part of it that was one-time compilation
+    warm_cost_ms: list[float] = field(default_factory=list)
+    compiled_after_ready: list[str] = field(
+        default_factory=list
+    )  # simulator keys compiled by `first`
     error: str | None = None
 
     @property
@@ -129,9 +134,25 @@ class Measured:
         return statistics.median(self.warm_ms) if self.warm_ms else None
 
     @property
-    def ratio(self) -> float | None:
+    def wall_ratio(self) -> float | None:
         warm = self.warm_median
         return self.first_ms / warm if self.first_ms is not None and warm else None
+
+    @property
+    def cost_ratio(self) -> float | None:
+        """The ratio from the simulator's own report: first cost over that cost without its
+        one-time compilation. Deterministic, and blind to output lengths that differ between
+        runs (stop strings and EOS end fresh texts at different points)."""
+        if self.first_cost_ms is None or self.first_compile_ms is None:
+            return None
+        warm = self.first_cost_ms - self.first_compile_ms
+        return self.first_cost_ms / warm if warm > 0 else None
+
+    @property
+    def ratio(self) -> float | None:
+        """Simulated cost when the upstream reports it (the simulator), else wall time."""
+        cost = self.cost_ratio
+        return cost if cost is not None else self.wall_ratio
 
 
 @dataclass(slots=True)
@@ -280,7 +301,9 @@ async def _mix(
         if isinstance(first, str):
             measured.error = first
             continue
-        measured.first_ms, measured.first_cost_ms = first
+        measured.first_ms, cost, measured.compiled_after_ready = first
+        if cost is not None:
+            measured.first_cost_ms, measured.first_compile_ms = cost
     for _ in range(warm_runs):
         for request, measured in zip(mix, results, strict=True):
             if measured.error is None:
@@ -289,6 +312,8 @@ async def _mix(
                     measured.error = warm
                 else:
                     measured.warm_ms.append(warm[0])
+                    if warm[1] is not None:
+                        measured.warm_cost_ms.append(warm[1][0])
     return results
 
 
@@ -299,8 +324,9 @@ async def _send(
     request: HeldoutRequest,
     rate: float,
     context: int,
-) -> tuple[float, float | None] | str:
-    """`concurrency` copies at once, each with fresh text; (wall ms, simulated cost ms) or an error."""
+) -> tuple[float, tuple[float, float] | None, list[str]] | str:
+    """`concurrency` copies at once with fresh text: (wall ms, simulated (cost, compile) ms, keys
+    compiled) or an error."""
     words = max(1, int(min(request.prompt_tokens, context - request.max_tokens - 64) / rate))
     bodies = [
         request.render(" ".join(random.choices(_BENCH_WORDS, k=words)), model)
@@ -314,8 +340,30 @@ async def _send(
     bad = [r for r in replies if r.status_code != 200]
     if bad:
         return f"HTTP {bad[0].status_code}: {bad[0].text[:160]}"
-    costs = [float(r.headers["x-sim-cost-ms"]) for r in replies if "x-sim-cost-ms" in r.headers]
-    return ms, max(costs) if costs else None
+    reports = [_sim_report(r) for r in replies]
+    costs = [cost for cost, _ in reports if cost is not None]
+    compiled = sorted({key for _, keys in reports for key in keys})
+    # One batch: its slowest reply, and the most compilation any reply waited for.
+    batch_cost = (max(c[0] for c in costs), max(c[1] for c in costs)) if costs else None
+    return ms, batch_cost, compiled
+
+
+def _sim_report(reply: httpx.Response) -> tuple[tuple[float, float] | None, list[str]]:
+    """The simulator's (cost, compile) ms and compiled keys: from its headers, or for a
+    stream from the `: sim-cost` comment at its end."""
+    import json
+
+    for line in reversed(reply.text.splitlines()):
+        if line.startswith(": sim-cost "):
+            report = json.loads(line[len(": sim-cost ") :])
+            return (float(report["cost_ms"]), float(report["compile_ms"])), list(
+                report.get("compiled", [])
+            )
+    if "x-sim-cost-ms" not in reply.headers:
+        return None, []
+    keys = [k for k in reply.headers.get("x-sim-compiled", "").split(",") if k]
+    cost = (float(reply.headers["x-sim-cost-ms"]), float(reply.headers.get("x-sim-compile-ms", 0)))
+    return cost, keys
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -331,13 +379,15 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 def report(outcomes: Sequence[Outcome]) -> str:
     """Markdown: one summary row per strategy, then first/warm per held-out request."""
     lines = [
-        "| strategy | spawn→healthy s | spawn→Ready s | max first/warm | worst request | error |",
-        "|---|---:|---:|---:|---|---|",
+        "| strategy | spawn→healthy s | spawn→Ready s | max first/warm | worst request | "
+        "kernels compiled after Ready | error |",
+        "|---|---:|---:|---:|---|---:|---|",
     ]
     for o in outcomes:
+        misses = sum(len(m.compiled_after_ready) for m in o.requests)
         lines.append(
             f"| {o.strategy} | {_fmt(o.spawn_to_healthy_s)} | {_fmt(o.spawn_to_ready_s)} | "
-            f"{_fmt(o.max_ratio, 2)} | {o.worst} | {o.error or ''} |"
+            f"{_fmt(o.max_ratio, 2)} | {o.worst} | {misses} | {o.error or ''} |"
         )
     names = [m.name for m in outcomes[0].requests] if outcomes else []
     if names:
@@ -368,21 +418,18 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 
 
 def as_json(outcomes: Sequence[Outcome]) -> list[dict[str, Any]]:
+    import dataclasses
+
     return [
         {
-            "strategy": o.strategy,
-            "spawn_to_healthy_s": o.spawn_to_healthy_s,
-            "spawn_to_ready_s": o.spawn_to_ready_s,
+            **{k: v for k, v in dataclasses.asdict(o).items() if k != "requests"},
             "max_ratio": o.max_ratio,
-            "error": o.error,
             "requests": [
                 {
-                    "name": m.name,
-                    "first_ms": m.first_ms,
-                    "warm_ms": m.warm_ms,
+                    **dataclasses.asdict(m),
                     "ratio": m.ratio,
-                    "first_cost_ms": m.first_cost_ms,
-                    "error": m.error,
+                    "wall_ratio": m.wall_ratio,
+                    "cost_ratio": m.cost_ratio,
                 }
                 for m in o.requests
             ],
