@@ -183,6 +183,7 @@ class Gate:
             self._spawn("drain", self._drain())
         elif action is lc.Action.CANCEL_DRAIN:
             self._cancel("drain")
+            self._drain_cut_short()
         elif action is lc.Action.FORWARD_SIGTERM:
             delivered = process.send(self.child, signal.SIGTERM, group=self.settings.signal_group)
             self._log.info("signal", signal="SIGTERM", forwarded=delivered)
@@ -312,12 +313,27 @@ class Gate:
             zero_polls = zero_polls + 1 if inflight == 0 else 0
             idle = inflight is None or zero_polls >= 2
             if idle and now >= earliest:
-                self._finish_drain("emptied", inflight)
+                # Without gauges nothing was checked: say so rather than "emptied".
+                self._finish_drain("emptied" if inflight is not None else "no_metrics", inflight)
                 return
             if now >= deadline:
                 self._finish_drain("timed_out", inflight)
                 return
             await asyncio.sleep(min(0.5, max(0.0, deadline - now)))
+
+    def _drain_cut_short(self) -> None:
+        """A second SIGTERM, or the child exiting on its own, ended the drain early."""
+        if self.drain.get("outcome") != "draining":
+            return
+        outcome = "child_exited" if self.life.child_status is not None else "skipped"
+        self.drain["outcome"] = outcome
+        self.drain["seconds"] = round(self._wall(time.monotonic()) - self.drain["started_at"], 2)
+        self._log.warning(
+            "drain_done",
+            outcome=outcome,
+            inflight=self.drain.get("inflight"),
+            seconds=self.drain["seconds"],
+        )
 
     def _finish_drain(self, outcome: str, inflight: float | None) -> None:
         self.drain["outcome"] = outcome

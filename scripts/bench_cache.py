@@ -1,0 +1,106 @@
+"""Compile-cache benchmark: time to Ready of a first and a second start with --cache-dir.
+
+    .venv/bin/python scripts/bench_cache.py [--command "$(bash scripts/real_vllm.sh | tail -1)"]
+
+Both starts run `warmgate run --cache-dir DIR -- <server>` with the same fresh DIR and no
+other compile cache: the first fills it, the second should find it (`/status` cache.hit).
+Without --command it runs over the real vLLM CPU build from scripts/real_vllm.sh.
+Prints a markdown table: spawn->healthy, spawn->Ready, cache size and hit, per start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU_FEATURES = "greedy,sampling,penalties,n,logprobs,prompt_logprobs,json"  # see tests/e2e/conftest.py
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get(port: int, path: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"null")
+    except (OSError, ValueError):
+        return 0, None
+
+
+def one_start(command: list[str], cache: Path, env: dict[str, str], log: Path) -> dict[str, Any]:
+    probe, upstream = free_port(), free_port()
+    argv = [sys.executable, "-m", "warmgate", "run", "--host", "127.0.0.1", "--port", str(probe),
+            "--log-format", "json", "--cache-dir", str(cache), "--features", CPU_FEATURES, "--",
+            *command, "--host", "127.0.0.1", "--port", str(upstream)]  # fmt: skip
+    began = time.monotonic()
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=out, start_new_session=True)
+        healthy = None
+        try:
+            while time.monotonic() - began < 1800:
+                if proc.poll() is not None:
+                    raise SystemExit(f"warmgate exited with {proc.returncode}; see {log}")
+                status, body = get(probe, "/ready")
+                if healthy is None and body and body.get("phase") in ("warming", "ready"):
+                    healthy = time.monotonic() - began
+                if status == 200:
+                    break
+                time.sleep(0.25)
+            ready = time.monotonic() - began
+            _, status_body = get(probe, "/status")
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return {"healthy_s": healthy, "ready_s": ready, "cache": status_body["cache"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--command", help="server command line (host/port appended)")
+    parser.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="warmgate-cache-bench-")))
+    args = parser.parse_args()
+    command_line = args.command or subprocess.run(
+        ["bash", str(ROOT / "scripts" / "real_vllm.sh")], capture_output=True, text=True, check=True
+    ).stdout.strip().splitlines()[-1]
+    command = shlex.split(command_line)
+    env = dict(os.environ)
+    for name in ("VLLM_CACHE_ROOT", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "CUDA_CACHE_PATH"):
+        env.pop(name, None)  # --cache-dir must be the only cache either start can use
+    with tempfile.TemporaryDirectory(prefix="warmgate-cache-") as cache:
+        rows = [one_start(command, Path(cache), env, args.out / f"start{i}.log") for i in (1, 2)]
+    print("| start | spawn→healthy s | spawn→Ready s | cache after warm-up | hit |")
+    print("|---|---:|---:|---:|---|")
+    for i, row in enumerate(rows, 1):
+        sizes = row["cache"]["sizes"]
+        last = sizes.get("warm") or sizes.get("healthy") or {}
+        print(f"| {i} | {row['healthy_s']:.1f} | {row['ready_s']:.1f} | {last.get('bytes', 0) / 1e6:.1f} MB, "
+              f"{last.get('files', 0)} files | {row['cache']['hit']} |")
+    first, second = rows
+    print(f"\nsecond/first time to Ready: {second['ready_s'] / first['ready_s']:.2f}; "
+          f"engine start (spawn→healthy): {second['healthy_s'] / first['healthy_s']:.2f}; logs in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

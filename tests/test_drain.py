@@ -1,0 +1,470 @@
+"""Issue 5 over `warmgate sim`: SIGTERM after Ready drains the upstream, then stops the child.
+
+Real processes on loopback. Clients talk to the simulator directly, as a Service would
+send them to the pod: warmgate does not proxy traffic, it only reads the simulator's
+in-flight gauges on /metrics. That is also why no test expects warmgate to *name* the
+requests still in flight: vLLM exposes counts only (no API lists requests), so the log
+and the exit line carry the count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import psutil
+import pytest
+from wgutil import Running, free_port, http_get, wait_for
+
+from warmgate.upstream import Upstream
+
+LONG = 200  # max_tokens of a long request: ~2 s at TIME_SCALE, alone or four in a batch
+TIME_SCALE = "1.5"
+# A warm-up of 12 one-token shapes: Ready ~3 s after start.
+FAST = [
+    *("--concurrency", "1", "--features", "greedy", "--max-repeats", "2", "--max-tokens", "1"),
+    *("--health-interval", "0.1"),
+]
+
+
+@dataclass
+class Pod:
+    wg: Running
+    port: int  # warmgate's probe port
+    sim_port: int
+    sim_pid: int
+    sim_group: list[psutil.Process]  # the simulator and its children, as started
+
+    def send(self, sig: signal.Signals) -> float:
+        self.wg.proc.send_signal(sig)
+        return time.monotonic()
+
+    def log(self) -> list[dict[str, Any]]:
+        return log_events(self.wg.stderr)
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        # The simulator's JSON log lines pass through warmgate's stderr; warmgate's own
+        # lines of these names carry fields the simulator's never do.
+        own = {"listening": "upstream", "signal": "forwarded", "drain": "deadline_s"}
+        found = [e for e in self.log() if e.get("event") == name]
+        return [e for e in found if name not in own or own[name] in e]
+
+    def wait_event(self, name: str, timeout: float = 30.0, **match: Any) -> dict[str, Any]:
+        def find() -> dict[str, Any] | None:
+            exited = self.wg.proc.poll() is not None
+            if exited:
+                time.sleep(0.2)  # let the reader catch the last lines
+            for e in self.events(name):
+                if all(e.get(k) == v for k, v in match.items()):
+                    return e
+            assert not exited, f"exited before {name} {match}:\n{self.wg.stderr}"
+            return None
+
+        return wait_for(find, timeout=timeout)  # type: ignore[no-any-return]
+
+    def exit_event(self) -> dict[str, Any]:
+        (end,) = self.events("exit")
+        return end
+
+
+def log_events(stderr: str) -> list[dict[str, Any]]:
+    """Every JSON log record on stderr, in order, even two run together on one line.
+
+    warmgate and the child it pumps share stderr, and a record can land mid-line: with
+    PYTHONUNBUFFERED=1 (set in this sandbox, common in images) structlog's print() writes
+    the record and its newline separately, so `{warmgate}{child}\n\n` happens.
+    """
+    decoder = json.JSONDecoder()
+    found = []
+    for line in stderr.splitlines():
+        at = line.find("{")
+        while at != -1:
+            try:
+                record, end = decoder.raw_decode(line, at)
+            except ValueError:
+                at = line.find("{", at + 1)
+                continue
+            if isinstance(record, dict) and "event" in record:
+                found.append(record)
+            at = line.find("{", end)
+    return found
+
+
+class Pods:
+    """Starts warmgate-over-sim pods and kills whatever is left of them at teardown."""
+
+    def __init__(self) -> None:
+        self.started: list[Pod] = []
+
+    def start(
+        self,
+        *wg_args: str,
+        sim_args: tuple[str, ...] = (),
+        load_seconds: float = 0.5,
+        stop_timeout: float = 5.0,  # generous: this 2-core machine is often busy
+        ready: bool = True,
+    ) -> Pod:
+        sim_port = free_port()
+        sim = [sys.executable, "-m", "warmgate", "sim", "--host", "127.0.0.1"]
+        sim += ["--port", str(sim_port), "--max-model-len", "256", "--time-scale", TIME_SCALE]
+        sim += ["--load-seconds", str(load_seconds), *sim_args]
+        wg_args = ("--stop-timeout", f"{stop_timeout:g}", *FAST, *wg_args)
+        wg = Running(["run", "--host", "127.0.0.1", "--port", "0", *wg_args, "--", *sim])
+        pod = Pod(wg, 0, sim_port, 0, [])
+        self.started.append(pod)
+        pod.port = int(pod.wait_event("listening", timeout=15)["port"])
+        pod.sim_pid = int(pod.wait_event("spawn")["pid"])
+        pod.sim_group = group_of(pod.sim_pid)
+        if ready:
+            wait_for(lambda: http_get(pod.port, "/ready")[0] == 200, timeout=60, interval=0.05)
+        return pod
+
+    def close(self) -> None:
+        for pod in self.started:
+            pod.wg.stop()
+            # pytest shows this only for a failed test: the log that explains it
+            print(f"--- warmgate stderr, pid {pod.wg.proc.pid} ---\n{pod.wg.stderr[-8000:]}")
+            for proc in pod.sim_group:
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()  # psutil checks it is still the same process
+
+
+@pytest.fixture
+def pods() -> Iterator[Pods]:
+    started = Pods()
+    try:
+        yield started
+    finally:
+        started.close()
+
+
+def complete(sim_port: int, max_tokens: int = LONG) -> tuple[int, Any]:
+    """POST a completion straight to the simulator: (status, parsed JSON or text)."""
+    body = {"model": "warmgate/sim", "prompt": "hello", "max_tokens": max_tokens}
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{sim_port}/v1/completions",
+        json.dumps({**body, "ignore_eos": True}).encode(),
+        {"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode(errors="replace")
+
+
+def assert_full(reply: tuple[int, Any], max_tokens: int = LONG) -> None:
+    status, body = reply
+    assert status == 200, body
+    assert body["choices"][0]["finish_reason"] == "length", body
+    assert body["usage"]["completion_tokens"] == max_tokens, body
+
+
+def sim_inflight(sim_port: int) -> float:
+    """vllm:num_requests_running + vllm:num_requests_waiting on the simulator's /metrics."""
+    text = http_get(sim_port, "/metrics")[1]
+    gauges = re.findall(r"^vllm:num_requests_(?:running|waiting)\{[^}]*\} (\S+)$", text, re.M)
+    return sum(float(value) for value in gauges)
+
+
+def metric(text: str, name: str) -> float:
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    assert found, f"{name} missing from /metrics:\n{text}"
+    return float(found.group(1))
+
+
+def group_of(pid: int) -> list[psutil.Process]:
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def left_of(group: list[psutil.Process], pgid: int) -> list[int]:
+    """Pids still running (zombies count as gone) from `group` or in process group `pgid`."""
+    left = set()
+    for proc in [*group, *psutil.process_iter()]:
+        try:
+            in_group = proc in group or os.getpgid(proc.pid) == pgid
+            if in_group and proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                left.add(proc.pid)
+        except (psutil.Error, ProcessLookupError):
+            continue
+    return sorted(left)
+
+
+def start_long(pool: ThreadPoolExecutor, pod: Pod, count: int) -> list[Future[tuple[int, Any]]]:
+    futures = [pool.submit(complete, pod.sim_port) for _ in range(count)]
+    wait_for(lambda: sim_inflight(pod.sim_port) >= count, timeout=10, interval=0.05)
+    return futures
+
+
+def sim_exit_code(pod: Pod) -> int:
+    """The exit code the simulator itself reported when it stopped."""
+    stopped = pod.events("stopped")
+    assert len(stopped) == 1, pod.wg.stderr
+    return int(stopped[0]["exit_code"])
+
+
+# --- 1. requests in flight at SIGTERM finish in full --------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["abort", "hang"])
+def test_requests_in_flight_at_sigterm_finish_in_full(pods: Pods, mode: str) -> None:
+    pod = pods.start("--drain-min", "0", sim_args=("--on-sigterm", mode))
+    with ThreadPoolExecutor(4) as pool:
+        futures = start_long(pool, pod, 4)
+        pod.sim_group = group_of(pod.sim_pid)
+        pod.send(signal.SIGTERM)
+        replies = [f.result(timeout=30) for f in futures]
+    code = pod.wg.wait(timeout=30)
+
+    for reply in replies:
+        assert_full(reply)
+    end = pod.exit_event()
+    assert end["drain"] == "emptied" and end["inflight"] == 0, end
+    assert code == end["code"] == sim_exit_code(pod) == 0
+    assert not pod.events("config")  # the defaults fit the grace period: no warning
+    assert wait_for(lambda: not left_of(pod.sim_group, pod.sim_pid), timeout=5)
+
+
+# --- 2. arrivals during the drain, /ready, /status and /metrics while draining ------------
+
+
+def test_requests_arriving_during_the_drain_are_served_in_full(pods: Pods) -> None:
+    pod = pods.start("--drain-min", "0")
+    with ThreadPoolExecutor(2) as pool:
+        (first,) = start_long(pool, pod, 1)
+        sigterm_at = pod.send(signal.SIGTERM)
+        pod.wait_event("drain", timeout=5)
+        status, body = http_get(pod.port, "/ready")
+        assert status == 503 and body["phase"] == "draining", body
+        time.sleep(0.3)
+        late = pool.submit(complete, pod.sim_port)  # arrives mid-drain, outlasts the first
+
+        def two_in_flight() -> dict[str, Any] | None:
+            drain: dict[str, Any] | None = http_get(pod.port, "/status")[1]["drain"]
+            return drain if drain and (drain.get("inflight") or 0) >= 2 else None
+
+        drain = wait_for(two_in_flight, timeout=5, interval=0.1)
+        assert drain["outcome"] == "draining" and drain["seconds"] > 0, drain
+        metrics = http_get(pod.port, "/metrics")[1]
+        assert metric(metrics, "warmgate_drain_inflight") >= 1
+        assert metric(metrics, "warmgate_drain_seconds") > 0
+        assert metric(metrics, 'warmgate_phase{phase="draining"}') == 1
+        assert metric(metrics, "warmgate_ready") == 0
+        assert_full(first.result(timeout=30))
+        assert_full(late.result(timeout=30))
+        late_done = time.monotonic() - sigterm_at
+    assert pod.wg.wait(timeout=30) == 0
+
+    done = pod.events("drain_done")
+    assert [d["outcome"] for d in done] == ["emptied"]
+    assert done[0]["seconds"] >= late_done - 1.0  # the drain waited for the late request
+    assert pod.exit_event()["drain"] == "emptied"
+
+
+# --- 3. the drain deadline --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["abort", "hang"])
+def test_drain_timeout_stops_the_child_and_counts_what_was_left(pods: Pods, mode: str) -> None:
+    # One sequence at a time: four long requests need ~6 s, the drain may take 1.
+    pod = pods.start(
+        "--drain-min", "0", "--drain-timeout", "1",
+        sim_args=("--on-sigterm", mode, "--max-num-seqs", "1"), stop_timeout=2,
+    )  # fmt: skip
+    with ThreadPoolExecutor(4) as pool:
+        futures = start_long(pool, pod, 4)
+        pod.sim_group = group_of(pod.sim_pid)
+        sigterm_at = pod.send(signal.SIGTERM)
+        code = pod.wg.wait(timeout=30)
+        stopped_after = time.monotonic() - sigterm_at
+        outcomes = [f.exception(timeout=30) or f.result() for f in futures]
+
+    end = pod.exit_event()
+    assert end["drain"] == "timed_out" and end["inflight"] == 4, end
+    lines = pod.log()
+    (done,) = [e for e in lines if e.get("event") == "drain_done"]
+    assert done["level"] == "warning" and done["outcome"] == "timed_out", done
+    assert done["inflight"] == 4 and 0.9 <= done["seconds"] <= 3, done
+    assert lines.index(done) < lines.index(end)
+    if mode == "abort":  # vLLM's default: the cut-off requests end with "abort"
+        assert code == end["code"] == sim_exit_code(pod) == 0
+        finished = [o[1]["choices"][0]["finish_reason"] for o in outcomes if isinstance(o, tuple)]
+        assert "abort" in finished, outcomes
+    else:  # a child that never finishes is SIGKILLed --stop-timeout (2 s) later
+        assert code == end["code"] == 128 + signal.SIGKILL and end["signal"] == "SIGKILL", end
+        assert pod.events("stop_timeout")
+        assert all(isinstance(o, Exception) for o in outcomes), outcomes
+    assert stopped_after < 12
+    assert wait_for(lambda: not left_of(pod.sim_group, pod.sim_pid), timeout=5)
+
+
+# --- 4. signals that skip the drain -----------------------------------------------------
+
+
+@pytest.mark.parametrize("phase", ["loading", "warming"])
+def test_sigterm_before_ready_is_forwarded_at_once(pods: Pods, phase: str) -> None:
+    if phase == "loading":
+        pod = pods.start("--drain-min", "30", "--grace-period", "60", load_seconds=20, ready=False)
+    else:  # each warm-up request takes a second
+        pod = pods.start("--drain-min", "30", "--grace-period", "60", sim_args=("--slow", "1"),
+                         ready=False)  # fmt: skip
+    pod.wait_event("phase", phase=phase, timeout=30)
+    pod.wait_event("starting")  # the simulator's handlers are in place: it exits 0
+    sigterm_at = pod.send(signal.SIGTERM)
+    code = pod.wg.wait(timeout=15)
+
+    assert time.monotonic() - sigterm_at < 10  # not --drain-min 30
+    assert code == 0
+    assert not pod.events("drain")
+    (forwarded,) = pod.events("signal")
+    assert forwarded["signal"] == "SIGTERM" and forwarded["forwarded"] is True
+    assert pod.events("phase")[-2]["reason"] == "SIGTERM before ready: stopping"
+    assert "drain" not in pod.exit_event()
+
+
+def test_sigint_after_ready_is_forwarded_at_once(pods: Pods) -> None:
+    pod = pods.start("--drain-min", "30", "--grace-period", "60")
+    sigint_at = pod.send(signal.SIGINT)
+    code = pod.wg.wait(timeout=15)
+
+    assert time.monotonic() - sigint_at < 10  # not --drain-min 30
+    assert code == sim_exit_code(pod) == 0
+    assert not pod.events("drain")
+    (forwarded,) = pod.events("signal")
+    assert forwarded["signal"] == "SIGINT" and forwarded["forwarded"] is True
+
+
+def test_second_sigterm_skips_the_rest_of_the_drain(pods: Pods) -> None:
+    pod = pods.start("--drain-min", "30", "--grace-period", "60")
+    sigterm_at = pod.send(signal.SIGTERM)
+    pod.wait_event("drain", timeout=5)
+    time.sleep(0.5)
+    assert http_get(pod.port, "/ready")[0] == 503
+    pod.send(signal.SIGTERM)
+    code = pod.wg.wait(timeout=15)
+
+    assert time.monotonic() - sigterm_at < 10  # not --drain-min 30
+    assert code == sim_exit_code(pod) == 0
+    notes = [e["note"] for e in pod.events("lifecycle")]
+    assert "second SIGTERM: drain skipped, stopping now" in notes
+    assert [d["outcome"] for d in pod.events("drain_done")] == ["skipped"]
+    assert pod.exit_event()["drain"] == "skipped"
+
+
+# --- 5. an upstream without in-flight gauges ------------------------------------------------
+
+
+def test_without_inflight_gauges_the_drain_lasts_drain_min(pods: Pods) -> None:
+    pod = pods.start("--drain-min", "1", "--inflight-metric", "no_such_gauge")
+    with ThreadPoolExecutor(1) as pool:
+        (request,) = start_long(pool, pod, 1)  # ~2 s: still running after --drain-min
+        pod.send(signal.SIGTERM)
+        code = pod.wg.wait(timeout=15)
+        status, body = request.result(timeout=30)
+
+    assert code == 0
+    # Nothing told warmgate the request was running: the forwarded SIGTERM cut it off.
+    assert status == 200 and body["choices"][0]["finish_reason"] == "abort", body
+    (warning,) = pod.events("drain_no_metrics")
+    assert warning["level"] == "warning"
+    (done,) = pod.events("drain_done")
+    assert done["outcome"] == "no_metrics" and done["inflight"] is None, done
+    assert 0.9 <= done["seconds"] <= 2.5, done
+    end = pod.exit_event()
+    assert end["drain"] == "no_metrics" and end["inflight"] is None
+
+
+def _metrics_server(status: int, text: str) -> ThreadingHTTPServer:
+    """A loopback server that answers every GET with `status` and `text`."""
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = text.encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    return server
+
+
+def _inflight_at(url: str) -> float | None:
+    async def read() -> float | None:
+        upstream = Upstream(url)
+        try:
+            return await upstream.inflight(
+                ("vllm:num_requests_running", "vllm:num_requests_waiting")
+            )
+        finally:
+            await upstream.aclose()
+
+    return asyncio.run(read())
+
+
+@pytest.mark.parametrize(
+    ("status", "text", "expected"),
+    [
+        (404, '{"detail":"Not Found"}', None),  # an upstream with no /metrics at all
+        (200, "# TYPE other gauge\nother 3.0\n", None),  # /metrics without the gauges
+        (200, "garbage{{{ 1\n", None),
+        (
+            200,
+            'vllm:num_requests_running{engine="0"} 2.0\nvllm:num_requests_running{engine="1"} 1.0\n'
+            'vllm:num_requests_waiting{engine="0"} 4.0\nother 9.0\n',
+            7.0,
+        ),
+    ],
+)
+def test_upstream_inflight_sums_the_gauges_or_is_none(
+    status: int, text: str, expected: float | None
+) -> None:
+    server = _metrics_server(status, text)
+    try:
+        assert _inflight_at(f"http://127.0.0.1:{server.server_address[1]}") == expected
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_upstream_inflight_is_none_when_nothing_listens() -> None:
+    assert _inflight_at(f"http://127.0.0.1:{free_port()}") is None
+
+
+# --- 6. values that cannot fit the grace period -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (("--drain-timeout", "60", "--grace-period", "30"), ("--drain-timeout 60", "30")),
+        (("--drain-min", "10", "--grace-period", "8"), ("--grace-period 8", "--drain-min 10")),
+    ],
+)
+def test_values_that_cannot_fit_warn_at_startup(
+    pods: Pods, args: tuple[str, ...], named: tuple[str, ...]
+) -> None:
+    pod = pods.start(*args, ready=False)
+    (warning,) = pod.events("config")
+    assert warning["level"] == "warning"
+    assert all(part in warning["note"] for part in named), warning
