@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-CPU_FEATURES = "greedy,sampling,penalties,n,logprobs,prompt_logprobs,json"  # see tests/e2e/conftest.py
+CPU_FEATURES = (
+    "greedy,sampling,penalties,n,logprobs,prompt_logprobs,json"  # see tests/e2e/conftest.py
+)
 
 
 def free_port() -> int:
@@ -77,16 +79,33 @@ def one_start(command: list[str], cache: Path, env: dict[str, str], log: Path) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--command", help="server command line (host/port appended)")
-    parser.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="warmgate-cache-bench-")))
+    parser.add_argument(
+        "--out", type=Path, default=Path(tempfile.mkdtemp(prefix="warmgate-cache-bench-"))
+    )
     args = parser.parse_args()
-    command_line = args.command or subprocess.run(
-        ["bash", str(ROOT / "scripts" / "real_vllm.sh")], capture_output=True, text=True, check=True
-    ).stdout.strip().splitlines()[-1]
+    command_line = (
+        args.command
+        or subprocess.run(
+            ["bash", str(ROOT / "scripts" / "real_vllm.sh")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     command = shlex.split(command_line)
     env = dict(os.environ)
-    for name in ("VLLM_CACHE_ROOT", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "CUDA_CACHE_PATH"):
+    for name in (
+        "VLLM_CACHE_ROOT",
+        "TRITON_CACHE_DIR",
+        "TORCHINDUCTOR_CACHE_DIR",
+        "CUDA_CACHE_PATH",
+    ):
         env.pop(name, None)  # --cache-dir must be the only cache either start can use
     with tempfile.TemporaryDirectory(prefix="warmgate-cache-") as cache:
         rows = [one_start(command, Path(cache), env, args.out / f"start{i}.log") for i in (1, 2)]
@@ -95,11 +114,15 @@ def main() -> None:
     for i, row in enumerate(rows, 1):
         sizes = row["cache"]["sizes"]
         last = sizes.get("warm") or sizes.get("healthy") or {}
-        print(f"| {i} | {row['healthy_s']:.1f} | {row['ready_s']:.1f} | {last.get('bytes', 0) / 1e6:.1f} MB, "
-              f"{last.get('files', 0)} files | {row['cache']['hit']} |")
+        print(
+            f"| {i} | {row['healthy_s']:.1f} | {row['ready_s']:.1f} | {last.get('bytes', 0) / 1e6:.1f} MB, "
+            f"{last.get('files', 0)} files | {row['cache']['hit']} |"
+        )
     first, second = rows
-    print(f"\nsecond/first time to Ready: {second['ready_s'] / first['ready_s']:.2f}; "
-          f"engine start (spawn→healthy): {second['healthy_s'] / first['healthy_s']:.2f}; logs in {args.out}")
+    print(
+        f"\nsecond/first time to Ready: {second['ready_s'] / first['ready_s']:.2f}; "
+        f"engine start (spawn→healthy): {second['healthy_s'] / first['healthy_s']:.2f}; logs in {args.out}"
+    )
 
 
 if __name__ == "__main__":

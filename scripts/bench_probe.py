@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -143,14 +144,18 @@ async def paced_latencies(port: int, rate: float, seconds: float) -> list[float]
 # --- warmgate under test ----------------------------------------------------------------
 
 
-def start_warmgate(probe_port: int, sim_port: int, *extra: str, sim_extra: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+def start_warmgate(
+    probe_port: int, sim_port: int, *extra: str, sim_extra: tuple[str, ...] = ()
+) -> subprocess.Popen[bytes]:
     command = [
         sys.executable, "-m", "warmgate", "run", "--host", "127.0.0.1", "--port", str(probe_port),
         "--log-format", "json", *extra, "--",
         sys.executable, "-m", "warmgate", "sim", "--host", "127.0.0.1", "--port", str(sim_port),
         "--max-model-len", "2048", *sim_extra,
     ]  # fmt: skip
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    return subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
 
 
 def stop(proc: subprocess.Popen[bytes]) -> bytes:
@@ -175,10 +180,8 @@ def log_events(stderr: bytes) -> list[dict[str, Any]]:
     found = []
     for line in stderr.decode(errors="replace").splitlines():
         if line.startswith("{"):
-            try:
+            with contextlib.suppress(ValueError):
                 found.append(json.loads(line))
-            except ValueError:
-                pass
     return found
 
 
@@ -187,7 +190,9 @@ def at(event: dict[str, Any]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each throughput run")
     args = parser.parse_args()
 
@@ -195,7 +200,9 @@ def main() -> None:
     ref_port = free_port()
     ref = subprocess.Popen([sys.executable, __file__, "--serve-minimal", str(ref_port)])
     probe_port, sim_port = free_port(), free_port()
-    gate = start_warmgate(probe_port, sim_port, sim_extra=("--load-seconds", "600"))  # stays loading: idle
+    gate = start_warmgate(
+        probe_port, sim_port, sim_extra=("--load-seconds", "600")
+    )  # stays loading: idle
     try:
         wait_listening(ref_port)
         wait_listening(probe_port)
@@ -216,7 +223,9 @@ def main() -> None:
 
     # 2-4. a real warm-up over the simulator
     probe_port, sim_port = free_port(), free_port()
-    gate = start_warmgate(probe_port, sim_port, "--health-interval", "0.25", sim_extra=("--load-seconds", "3"))
+    gate = start_warmgate(
+        probe_port, sim_port, "--health-interval", "0.25", sim_extra=("--load-seconds", "3")
+    )
     try:
         wait_listening(probe_port)
         wait_listening(sim_port, timeout=60)
@@ -225,7 +234,8 @@ def main() -> None:
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline:
             reply = subprocess.run(
-                [sys.executable, "-m", "warmgate", "probe", "ready", "--port", str(probe_port)], capture_output=True
+                [sys.executable, "-m", "warmgate", "probe", "ready", "--port", str(probe_port)],
+                capture_output=True,
             )
             if reply.returncode == 0:
                 break
@@ -235,15 +245,21 @@ def main() -> None:
     events = log_events(err)
     q = statistics.quantiles(latencies, n=100)
     print()
-    print(f"/ready at 200 req/s, Connection: close, during warm-up: n={len(latencies)} "
-          f"p50={q[49]:.2f} ms p99={q[98]:.2f} ms max={max(latencies):.2f} ms (goal p99 <= 5 ms)")
+    print(
+        f"/ready at 200 req/s, Connection: close, during warm-up: n={len(latencies)} "
+        f"p50={q[49]:.2f} ms p99={q[98]:.2f} ms max={max(latencies):.2f} ms (goal p99 <= 5 ms)"
+    )
     shapes = [e for e in events if e.get("event") == "shape"]
     ready = next(e for e in events if e.get("event") == "phase" and e.get("phase") == "ready")
-    print(f"last warm-up response -> /ready 200: {(at(ready) - at(shapes[-1])) * 1000:.2f} ms (goal <= 20 ms)")
+    print(
+        f"last warm-up response -> /ready 200: {(at(ready) - at(shapes[-1])) * 1000:.2f} ms (goal <= 20 ms)"
+    )
     listening = next(e for e in events if e.get("event") == "listening" and e.get("loaded") is True)
     warming = next(e for e in events if e.get("event") == "phase" and e.get("phase") == "warming")
-    print(f"upstream healthy -> noticed: {(at(warming) - at(listening)) * 1000:.1f} ms "
-          "(goal <= --health-interval 250 ms + 50 ms)")
+    print(
+        f"upstream healthy -> noticed: {(at(warming) - at(listening)) * 1000:.1f} ms "
+        "(goal <= --health-interval 250 ms + 50 ms)"
+    )
 
 
 if __name__ == "__main__":
