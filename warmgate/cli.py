@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -150,37 +150,25 @@ LogFormatOpt = Annotated[
 ]
 
 
-def _warmup_settings(
-    upstream: str | None,
-    model: list[str] | None,
-    api_key: str | None,
-    health_path: str,
-    plan: Path | None,
-    converge: float,
-    max_repeats: int,
-    max_tokens: int,
-    concurrency: str,
-    features: str,
-    max_inflight_tokens: int,
-    warmup_timeout: float,
-    request_timeout: float,
-) -> WarmupSettings:
+def _warmup_settings(params: dict[str, Any]) -> WarmupSettings:
+    """The warm-up settings from the options `run` and `warmup` share (click's ctx.params)."""
     from warmgate.config import WarmupSettings, parse_buckets, parse_list, read_plan
 
+    plan = params["plan"]
     return WarmupSettings(
-        upstream=upstream,
-        models=tuple(model or ()),
-        api_key=api_key,
-        health_path=health_path,
+        upstream=params["upstream"],
+        models=tuple(params["model"] or ()),
+        api_key=params["api_key"],
+        health_path=params["health_path"],
         plan=read_plan(plan) if plan is not None else None,
-        converge=converge,
-        max_repeats=max_repeats,
-        max_tokens=max_tokens,
-        concurrency=parse_buckets(concurrency),
-        features=parse_list(features),
-        max_inflight_tokens=max_inflight_tokens,
-        warmup_timeout=warmup_timeout,
-        request_timeout=request_timeout,
+        converge=params["converge"],
+        max_repeats=params["max_repeats"],
+        max_tokens=params["max_tokens"],
+        concurrency=parse_buckets(params["concurrency"]),
+        features=parse_list(params["features"]),
+        max_inflight_tokens=params["max_inflight_tokens"],
+        warmup_timeout=params["warmup_timeout"],
+        request_timeout=params["request_timeout"],
     )
 
 
@@ -308,21 +296,7 @@ def run(
 ) -> int:
     from warmgate.config import DEFAULT_INFLIGHT_METRICS, RunSettings
 
-    warmup = _warmup_settings(
-        upstream,
-        model,
-        api_key,
-        health_path,
-        plan,
-        converge,
-        max_repeats,
-        max_tokens,
-        concurrency,
-        features,
-        max_inflight_tokens,
-        warmup_timeout,
-        request_timeout,
-    )
+    warmup = _warmup_settings(ctx.params)
     settings = RunSettings(
         command=tuple(command or ()),
         stop_timeout=stop_timeout,
@@ -353,6 +327,7 @@ def run(
 
 @app.command()
 def warmup(
+    ctx: typer.Context,
     upstream: Annotated[
         str, typer.Option(envvar=_env("UPSTREAM"), help="URL of the running server.")
     ],
@@ -374,21 +349,7 @@ def warmup(
     """Warm up an already running server once (init containers, manual use): exit 0 when warm, 1 when not."""
     from warmgate.oneshot import warm_once
 
-    settings = _warmup_settings(
-        upstream,
-        model,
-        api_key,
-        health_path,
-        plan,
-        converge,
-        max_repeats,
-        max_tokens,
-        concurrency,
-        features,
-        max_inflight_tokens,
-        warmup_timeout,
-        request_timeout,
-    )
+    settings = _warmup_settings(ctx.params)
     return warm_once(settings, log_level.value, log_format.value)
 
 
