@@ -257,12 +257,16 @@ def test_logprobs_and_prompt_logprobs(sim: Sim) -> None:
 
 
 def test_echo_prepends_the_prompt(sim: Sim) -> None:
-    choice = completion(sim, echo=True, logprobs=1, max_tokens=3)["choices"][0]
+    choice = completion(sim, echo=True, logprobs=1, max_tokens=3, ignore_eos=True)["choices"][0]
     assert choice["text"].startswith("Hello there")
     logprobs = choice["logprobs"]
     assert logprobs["tokens"][0] == "<s>"
     assert logprobs["token_logprobs"][0] is None
     assert logprobs["top_logprobs"][0] is None
+    # vLLM scores the echoed prompt too, with the same k (prompt_logprobs = logprobs).
+    prompt_logprobs = choice["prompt_logprobs"]
+    assert prompt_logprobs[0] is None and len(prompt_logprobs) == len(logprobs["tokens"]) - 3
+    assert completion(sim, echo=True, max_tokens=3)["choices"][0]["prompt_logprobs"] is None
 
 
 @pytest.mark.parametrize(
@@ -361,7 +365,10 @@ def test_completion_stream(sim: Sim) -> None:
     chunks = stream(sim, "/v1/completions", body)
     assert all(c["object"] == "text_completion" for c in chunks)
     assert all(set(c["choices"][0]) == STREAM_CHOICE_KEYS for c in chunks)
-    assert [("system_fingerprint" in c) for c in chunks] == [False] * 11 + [True]
+    # Each choice's finish chunk carries the fingerprint (no usage chunk follows).
+    finishes = [c["choices"][0]["finish_reason"] is not None for c in chunks]
+    assert [("system_fingerprint" in c) for c in chunks] == finishes
+    assert finishes.count(True) == 2
     for index in (0, 1):
         mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == index]
         assert len(mine) == 6
@@ -399,6 +406,60 @@ def test_chat_stream_with_usage(sim: Sim) -> None:
     assert deltas[0]["logprobs"]["content"][0]["token"] == deltas[0]["delta"]["content"]
     assert chunks[-1]["choices"] == []
     assert chunks[-1]["usage"]["completion_tokens"] == 4
+
+
+def test_stream_echo_puts_the_prompt_in_each_choices_first_chunk(sim: Sim) -> None:
+    body = {"prompt": "Echo", "max_tokens": 3, "ignore_eos": True, "stream": True, "n": 2}
+    chunks = stream(sim, "/v1/completions", {**body, "echo": True, "logprobs": 1})
+    for index in (0, 1):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == index]
+        assert mine[0]["text"].startswith("Echo")
+        prompt_ids = mine[0]["prompt_token_ids"]
+        assert prompt_ids and prompt_ids[0] == 1
+        assert mine[0]["logprobs"]["token_logprobs"][0] is None  # the BOS has no score
+        assert len(mine[0]["logprobs"]["tokens"]) == len(prompt_ids) + 1
+        assert all(c["prompt_token_ids"] is None for c in mine[1:])
+    # Asking for token ids instead of text: the ids come, the prompt text does not.
+    chunks = stream(sim, "/v1/completions", {**body, "echo": True, "return_token_ids": True})
+    assert not chunks[0]["choices"][0]["text"].startswith("Echo")
+    assert chunks[0]["choices"][0]["prompt_token_ids"]
+
+
+def test_echo_of_token_ids_shows_special_tokens(sim: Sim) -> None:
+    choice = completion(sim, prompt=[1, 300], echo=True)["choices"][0]
+    assert choice["text"].startswith("<s>")
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_continuous_usage_stats_put_usage_on_every_chunk(sim: Sim, path: str) -> None:
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    body = {
+        "prompt": "u",
+        "messages": [{"role": "user", "content": "u"}],
+        "max_tokens": 3,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": options,
+    }
+    chunks = stream(sim, path, body)
+    assert all("usage" in c for c in chunks)
+    counts = [c["usage"]["completion_tokens"] for c in chunks if c["choices"]]
+    assert counts == sorted(counts) and counts[-1] == 3
+    chat = path.endswith("chat/completions")
+    assert ("completion_tokens_details" in chunks[0]["usage"]) is chat
+
+
+def test_chat_echo_repeats_a_last_message_in_the_replys_role(sim: Sim) -> None:
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure"}]
+    body = {"messages": messages, "echo": True, "max_tokens": 2}
+    reply = chat(sim, **body)
+    assert reply["choices"][0]["message"]["content"].startswith("Sure")
+    assert reply["prompt_logprobs"][0] is None  # echo scores the prompt (top_logprobs of 0)
+    chunks = stream(sim, "/v1/chat/completions", {**body, "stream": True})
+    assert chunks[1]["choices"][0]["delta"] == {"content": "Sure"}
+    user_last = chat(sim, messages=messages[:1], echo=True, add_generation_prompt=False)
+    assert user_last["choices"][0]["message"]["role"] == "user"
+    assert user_last["choices"][0]["message"]["content"].startswith("hi")
 
 
 def test_stream_reports_first_token_cost_in_headers_and_total_in_a_comment(sim: Sim) -> None:
@@ -442,9 +503,15 @@ def test_served_model_name_is_accepted(sim: Sim) -> None:
         ({"top_p": 0}, "top_p"),
         ({"n": 0}, None),
         ({"max_tokens": 0}, "max_tokens"),
-        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"presence_penalty": 3}, None),  # some of vLLM's checks name no parameter
+        ({"temperature": 3}, "temperature"),
+        ({"top_k": -5}, None),
+        ({"stop": [""]}, None),
         ({"logprobs": 21}, "logprobs"),
-        ({"min_tokens": 9}, "min_tokens"),
+        ({"logprobs": -1}, "logprobs"),  # the whole vocabulary, over the default max of 20
+        ({"prompt_logprobs": -1}, "prompt_logprobs"),
+        ({"min_tokens": 9}, None),
+        ({"prompt": [[1], []]}, None),
         ({"prompt": ""}, "prompt"),
         ({"prompt": [1, 5000]}, None),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
@@ -534,6 +601,54 @@ def test_request_validation_messages_are_vllms(sim: Sim) -> None:
         "'Input should be a valid integer, unable to parse string as an integer', 'input': 'ten'}"
     )
     assert completion(sim, max_tokens="3", ignore_eos=True)["usage"]["completion_tokens"] == 3
+
+
+@pytest.mark.parametrize(
+    ("stop", "errors"),
+    [
+        (list("abcde"), [("string_type", "<list of 5 items>"), ("too_long", "<list of 5 items>")]),
+        (["a", 1], [("string_type", "<list of 2 items>"), ("string_type", "1")]),
+        (5, [("string_type", "5"), ("list_type", "5")]),
+    ],
+)
+def test_stop_is_a_string_or_at_most_four_strings(
+    sim: Sim, stop: Any, errors: list[tuple[str, str]]
+) -> None:
+    info = error(sim, "/v1/completions", {"prompt": "hi", "stop": stop})
+    assert (info["type"], info["param"]) == ("Bad Request", "body.stop")
+    assert info["message"].startswith("2 validation errors:\n  {'type': ")
+    for kind, shown in errors:
+        assert f"'type': '{kind}'" in info["message"]
+        assert f"'input': '{shown}'" in info["message"]
+    completion(sim, stop=["a", "b", "c", "d"])
+
+
+@pytest.mark.parametrize(
+    ("prompt", "param", "count"),
+    [
+        (["a", 1], "body.prompt.0", 5),
+        ([-1], "body.prompt.0", 4),
+        ([[1, -2]], "body.prompt.0", 4),
+        (5, "body.prompt", 4),
+    ],
+)
+def test_malformed_prompt_reports_every_member_of_the_union(
+    sim: Sim, prompt: Any, param: str, count: int
+) -> None:
+    info = error(sim, "/v1/completions", {"prompt": prompt})
+    assert (info["type"], info["param"]) == ("Bad Request", param)
+    assert info["message"].startswith(f"{count} validation errors:")
+
+
+def test_prompt_token_ids_are_lax_ints(sim: Sim) -> None:
+    assert completion(sim, prompt=[True, 2.0, "3"])["usage"]["prompt_tokens"] == 3
+
+
+@pytest.mark.parametrize(("seed", "kind"), [(2**64, "less_than_equal"), (-(2**64), "greater")])
+def test_seed_beyond_64_bits_is_a_request_validation_error(sim: Sim, seed: int, kind: str) -> None:
+    info = error(sim, "/v1/completions", {"prompt": "x", "seed": seed})
+    assert (info["type"], info["param"]) == ("Bad Request", "body.seed")
+    assert f"'type': '{kind}" in info["message"]
 
 
 def test_chat_tool_choice_auto_is_refused(sim: Sim) -> None:

@@ -11,6 +11,7 @@ CPU server. Validation runs in vLLM's order:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zlib
 from collections.abc import Mapping, Sequence
@@ -22,6 +23,7 @@ from warmgate.sim.generate import SamplingSpec
 from warmgate.sim.tokenizer import BOS, Tokenizer, render_chat
 
 MAX_LOGPROBS = 20  # vLLM's default --max-logprobs
+MAX_STOP_STRINGS = 4  # vLLM's default VLLM_MAX_STOP_STRINGS
 _SAMPLING_EPS = 1e-5  # below this temperature vLLM samples greedily
 _INT64 = 2**63
 _NO_VALUE = object()
@@ -63,20 +65,29 @@ def invalid(message: str, param: str | None, value: Any = _NO_VALUE) -> ApiError
 
 def request_error(loc: str, kind: str, msg: str, value: Any, ctx: Any = None) -> ApiError:
     """A FastAPI request-validation error as vLLM renders it (type "Bad Request")."""
+    return request_errors([error_detail(loc, kind, msg, value, ctx)])
+
+
+def request_errors(details: Sequence[dict[str, Any]]) -> ApiError:
+    """Several pydantic errors (each branch of a union fails); param is the first's loc."""
+    label = "error" if len(details) == 1 else "errors"
+    lines = "".join(f"\n  {detail!r}" for detail in details)
+    message = f"{len(details)} validation {label}:{lines}"
+    return ApiError(message, err_type="Bad Request", param=details[0]["loc"])
+
+
+def error_detail(loc: str, kind: str, msg: str, value: Any, ctx: Any = None) -> dict[str, Any]:
     detail: dict[str, Any] = {"type": kind, "loc": loc, "msg": msg, "input": _summary(value)}
     if ctx is not None:
         detail["ctx"] = ctx
-    return ApiError(f"1 validation error:\n  {detail!r}", err_type="Bad Request", param=loc)
+    return detail
 
 
-def _summary(value: Any) -> Any:
-    if isinstance(value, dict):
-        return f"<dict of {len(value)} items>"
-    if isinstance(value, list):
-        return f"<list of {len(value)} items>"
-    if value is None:
-        return "None"
-    return value
+def _summary(value: Any) -> str:
+    """vLLM's `_summarize_error_input`: containers by size, anything else as str()."""
+    if isinstance(value, dict | list):
+        return f"<{type(value).__name__} of {len(value)} items>"
+    return str(value)
 
 
 def parse_body(body: bytes, content_type: str | None) -> Any:
@@ -138,7 +149,10 @@ class Generation:
     n: int
     stream: bool
     include_usage: bool
-    echo: bool
+    continuous_usage: bool  # stream_options.continuous_usage_stats: usage on every chunk
+    echo: bool  # completions: the prompt text goes before the output
+    chat_echo: str  # chat: the last message's content, when it goes before the output
+    reply_role: str  # chat: "assistant", or the last message's role without a generation prompt
     logprobs: int | None  # top logprobs per output token; None when not asked for
     prompt_logprobs: int | None
     return_token_ids: bool
@@ -230,9 +244,36 @@ class _Fields:
             return ()
         if isinstance(value, str):
             return (value,)
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return tuple(value)
-        raise self._error("stop", "string_type", "a valid string")
+        # `str | list[str]` (at most VLLM_MAX_STOP_STRINGS): pydantic reports both branches.
+        errors = [error_detail("body.stop", "string_type", "Input should be a valid string", value)]
+        if not isinstance(value, list):
+            errors.append(
+                error_detail("body.stop", "list_type", "Input should be a valid list", value)
+            )
+        elif len(value) > MAX_STOP_STRINGS:
+            errors.append(
+                error_detail(
+                    "body.stop",
+                    "too_long",
+                    f"List should have at most {MAX_STOP_STRINGS} items after validation, "
+                    f"not {len(value)}",
+                    value,
+                    {
+                        "field_type": "List",
+                        "max_length": MAX_STOP_STRINGS,
+                        "actual_length": len(value),
+                    },
+                )
+            )
+        else:
+            errors += [
+                error_detail(f"body.stop.{i}", "string_type", "Input should be a valid string", v)
+                for i, v in enumerate(value)
+                if not isinstance(v, str)
+            ]
+        if len(errors) > 1:
+            raise request_errors(errors)
+        return tuple(value)
 
     def _error(self, name: str, kind: str, expected: str) -> ApiError:
         return request_error(f"body.{name}", kind, f"Input should be {expected}", self.get(name))
@@ -254,6 +295,7 @@ class _Common:
 
     stream: bool
     include_usage: bool
+    continuous_usage: bool
     prompt_logprobs: int | None
     json_mode: str | None
     json_schema: Mapping[str, Any] | None
@@ -275,6 +317,8 @@ def parse_completion(body: dict[str, Any], ctx: Context) -> Generation:
 
 def parse_chat(body: dict[str, Any], ctx: Context) -> Generation:
     f = _Fields(body)
+    if "messages" not in body:
+        raise request_error("body.messages", "missing", "Field required", body)
     messages = _chat_messages(f.get("messages"))
     top = f.integer("top_logprobs")
     wants_logprobs = f.boolean("logprobs")
@@ -291,7 +335,9 @@ def parse_chat(body: dict[str, Any], ctx: Context) -> Generation:
         ids = [BOS, *ids]
     _check_length(ids, ctx, text_prompt=True)
     logprobs = (top or 0) if wants_logprobs else None
-    return _generation(f, ctx, True, (Prompt(ids, text),), logprobs, common)
+    if f.boolean("echo") and common.prompt_logprobs is None:
+        common = dataclasses.replace(common, prompt_logprobs=top or 0)
+    return _generation(f, ctx, True, (Prompt(ids, text),), logprobs, common, messages)
 
 
 def _common(f: _Fields, max_tokens: int | None) -> _Common:
@@ -300,6 +346,7 @@ def _common(f: _Fields, max_tokens: int | None) -> _Common:
     if options and not stream:
         raise invalid("Stream options can only be defined when `stream=True`.", "stream_options")
     include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
+    continuous = include_usage and bool(options.get("continuous_usage_stats"))
     prompt_logprobs = f.integer("prompt_logprobs")
     if prompt_logprobs is not None:
         if stream and (prompt_logprobs > 0 or prompt_logprobs == -1):
@@ -316,13 +363,31 @@ def _common(f: _Fields, max_tokens: int | None) -> _Common:
     for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty"):
         f.number(name)
     f.number("repetition_penalty")
-    for name in ("top_k", "n", "min_tokens", "seed"):
+    for name in ("top_k", "n", "min_tokens"):
         f.integer(name)
+    _check_seed(f.integer("seed"))
     f.stop()
     f.int_list("stop_token_ids")
     for name in ("ignore_eos", "echo", "include_stop_str_in_output", "return_token_ids"):
         f.boolean(name)
-    return _Common(stream, include_usage, prompt_logprobs, json_mode, json_schema, max_tokens)
+    return _Common(
+        stream, include_usage, continuous, prompt_logprobs, json_mode, json_schema, max_tokens
+    )
+
+
+def _check_seed(seed: int | None) -> None:
+    """pydantic's `Field(ge=-2**63, le=2**63 - 1)` on `seed`."""
+    if seed is None or -_INT64 <= seed < _INT64:
+        return
+    if seed < 0:
+        kind, word, bound = "greater_than_equal", "greater", -_INT64
+        ctx = {"ge": bound}
+    else:
+        kind, word, bound = "less_than_equal", "less", _INT64 - 1
+        ctx = {"le": bound}
+    raise request_error(
+        "body.seed", kind, f"Input should be {word} than or equal to {bound}", seed, ctx
+    )
 
 
 def _structured_output(f: _Fields) -> tuple[str | None, Mapping[str, Any] | None]:
@@ -386,18 +451,80 @@ def _check_model(f: _Fields, ctx: Context) -> None:
 
 
 def _completion_prompts(prompt: Any) -> list[str | list[int]]:
+    """`prompt: list[int>=0] | list[list[int>=0]] | str | list[str]`, validated as
+    pydantic's smart union does: a strict match first, then the lax int branches."""
     if prompt is None or prompt == "" or prompt == []:
         raise invalid("Either prompt or prompt_embeds must be provided and non-empty.", "prompt")
     if isinstance(prompt, str):
         return [prompt]
+    if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    loc = "body.prompt"
+    flat_errors, flat = _token_ids(loc, prompt)
+    if not flat_errors:
+        return [flat]
+    nested_errors: list[dict[str, Any]] = []
+    nested: list[str | list[int]] = []
+    if not isinstance(prompt, list):
+        nested_errors.append(error_detail(loc, "list_type", "Input should be a valid list", prompt))
+    else:
+        for index, item in enumerate(prompt):
+            item_errors, ids = _token_ids(f"{loc}.{index}", item)
+            nested_errors += item_errors
+            nested.append(ids)
+    if not nested_errors:
+        return nested
+    string_errors = [error_detail(loc, "string_type", "Input should be a valid string", prompt)]
     if isinstance(prompt, list):
-        if all(_is_int(t) for t in prompt):
-            return [prompt]
-        if all(isinstance(p, str) for p in prompt):
-            return list(prompt)
-        if all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt):
-            return list(prompt)
-    raise request_error("body.prompt", "string_type", "Input should be a valid string", prompt)
+        string_errors += [
+            error_detail(f"{loc}.{i}", "string_type", "Input should be a valid string", p)
+            for i, p in enumerate(prompt)
+            if not isinstance(p, str)
+        ]
+    else:
+        string_errors.append(error_detail(loc, "list_type", "Input should be a valid list", prompt))
+    raise request_errors([*flat_errors, *nested_errors, *string_errors])
+
+
+def _token_ids(loc: str, value: Any) -> tuple[list[dict[str, Any]], list[int]]:
+    """`list[int>=0]` in pydantic's lax mode (true, 2.0 and "2" are ints): errors, ids."""
+    if not isinstance(value, list):
+        return [error_detail(loc, "list_type", "Input should be a valid list", value)], []
+    errors, ids = [], []
+    for index, item in enumerate(value):
+        where = f"{loc}.{index}"
+        try:
+            token_id = _lax_int(item)
+        except ValueError as exc:
+            kind, msg = exc.args
+            errors.append(error_detail(where, kind, msg, item))
+            continue
+        if token_id < 0:
+            msg = "Input should be greater than or equal to 0"
+            errors.append(error_detail(where, "greater_than_equal", msg, item, {"ge": 0}))
+        ids.append(token_id)
+    return errors, ids
+
+
+def _lax_int(value: Any) -> int:
+    """pydantic's lax int; ValueError(error type, message) when it is not one."""
+    if isinstance(value, bool | int):
+        return int(value)
+    if isinstance(value, float):
+        if value.is_integer():
+            return int(value)
+        raise ValueError(
+            "int_from_float", "Input should be a valid integer, got a number with a fractional part"
+        )
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            raise ValueError(
+                "int_parsing",
+                "Input should be a valid integer, unable to parse string as an integer",
+            ) from None
+    raise ValueError("int_type", "Input should be a valid integer")
 
 
 def _chat_messages(messages: Any) -> list[tuple[str, str]]:
@@ -436,6 +563,8 @@ def _encode_prompt(prompt: str | list[int], ctx: Context, add_special: bool) -> 
         ids = [BOS, *ids] if add_special else ids
         _check_length(ids, ctx, text_prompt=True)
         return Prompt(ids, prompt)
+    if not prompt:
+        raise ApiError("The decoder prompt cannot be empty")
     for token_id in prompt:
         if not 0 <= token_id < ctx.tokenizer.vocab_size:
             raise ApiError(f"Token id {token_id} is out of vocabulary")
@@ -465,6 +594,7 @@ def _generation(
     prompts: tuple[Prompt, ...],
     logprobs: int | None,
     common: _Common,
+    messages: Sequence[tuple[str, str]] = (),
 ) -> Generation:
     requested = common.max_tokens
     if requested is not None and requested > ctx.max_model_len:
@@ -474,11 +604,13 @@ def _generation(
             "max_tokens",
             requested,
         )
-    specs = tuple(_spec(f, ctx, p, requested, common) for p in prompts)
     n = f.integer("n", 1)
     assert n is not None
-    if n < 1:
+    if n < 1:  # vLLM's SamplingParams checks n first
         raise invalid(f"n must be at least 1, got {n}.", None)
+    specs = tuple(_spec(f, ctx, p, requested, common) for p in prompts)
+    vocab = ctx.tokenizer.vocab_size
+    logprobs = vocab if logprobs == -1 else logprobs  # -1 asks for the whole vocabulary
     if logprobs is not None and logprobs > MAX_LOGPROBS:
         raise invalid(
             f"Requested sample logprobs of {logprobs}, which is greater than max allowed: "
@@ -486,7 +618,11 @@ def _generation(
             "logprobs",
             logprobs,
         )
+    echo = f.boolean("echo") and not chat
     prompt_logprobs = common.prompt_logprobs
+    if prompt_logprobs is None and echo:
+        prompt_logprobs = logprobs  # vLLM scores an echoed prompt with the same k
+    prompt_logprobs = vocab if prompt_logprobs == -1 else prompt_logprobs
     if prompt_logprobs is not None and prompt_logprobs > MAX_LOGPROBS:
         raise invalid(
             f"Requested prompt logprobs of {prompt_logprobs}, which is greater than max "
@@ -514,16 +650,31 @@ def _generation(
         n=n,
         stream=common.stream,
         include_usage=common.include_usage,
-        echo=f.boolean("echo") and not chat,
-        logprobs=_all_if_minus_one(logprobs),
-        prompt_logprobs=_all_if_minus_one(prompt_logprobs),
+        continuous_usage=common.continuous_usage,
+        echo=echo,
+        chat_echo=_chat_echo(f, messages) if chat else "",
+        reply_role=_reply_role(f, messages),
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
         return_token_ids=f.boolean("return_token_ids"),
         features=features,
     )
 
 
-def _all_if_minus_one(k: int | None) -> int | None:
-    return MAX_LOGPROBS if k == -1 else k
+def _reply_role(f: _Fields, messages: Sequence[tuple[str, str]]) -> str:
+    """vLLM's `get_chat_request_role`: without a generation prompt the reply continues
+    the last message, in its role."""
+    if f.boolean("add_generation_prompt", True) or not messages:
+        return "assistant"
+    return messages[-1][0]
+
+
+def _chat_echo(f: _Fields, messages: Sequence[tuple[str, str]]) -> str:
+    """vLLM echoes the last message when its role is the reply's role."""
+    if not f.boolean("echo") or not messages:
+        return ""
+    role, content = messages[-1]
+    return content if role == _reply_role(f, messages) else ""
 
 
 def _spec(
@@ -548,63 +699,69 @@ def _spec(
 
 
 def _check_sampling(f: _Fields, max_tokens: int) -> float:
-    """vLLM's SamplingParams checks, with its messages; returns the temperature."""
+    """vLLM's SamplingParams checks, in its order and with its messages; returns the
+    temperature. Some of vLLM's checks name no parameter (param null)."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = f.number(name, 0.0)
+        assert value is not None
+        _require(-2 <= value <= 2, None, f"{name} must be in [-2, 2], got {value}.", value)
+    repetition = f.number("repetition_penalty", 1.0)
+    assert repetition is not None
+    _require(
+        repetition > 0,
+        None,
+        f"repetition_penalty must be greater than zero, got {repetition}.",
+        repetition,
+    )
     temperature = f.number("temperature", 1.0)
     assert temperature is not None
     _require(
-        temperature >= 0, "temperature", f"must be non-negative, got {temperature}.", temperature
+        temperature >= 0,
+        "temperature",
+        f"temperature must be non-negative, got {temperature}.",
+        temperature,
+    )
+    _require(
+        temperature <= 2,
+        "temperature",
+        f"temperature must be in [0, 2], got {temperature}.",
+        temperature,
     )
     top_p = f.number("top_p", 1.0)
-    _require(
-        top_p is not None and 0 < top_p <= 1, "top_p", f"must be in (0, 1], got {top_p}.", top_p
-    )
+    assert top_p is not None
+    _require(0 < top_p <= 1, "top_p", f"top_p must be in (0, 1], got {top_p}.", top_p)
     top_k = f.integer("top_k", 0)
-    _require(
-        top_k is not None and top_k >= -1,
-        "top_k",
-        f"must be 0 (disable), or at least 1, got {top_k}.",
-        top_k,
-    )
+    assert top_k is not None
+    _require(top_k >= -1, None, f"top_k must be 0 (disable), or at least 1, got {top_k}.", top_k)
     min_p = f.number("min_p", 0.0)
+    assert min_p is not None
+    _require(0 <= min_p <= 1, None, f"min_p must be in [0, 1], got {min_p}.", min_p)
     _require(
-        min_p is not None and 0 <= min_p <= 1, "min_p", f"must be in [0, 1], got {min_p}.", min_p
+        max_tokens >= 1,
+        "max_tokens",
+        f"max_tokens must be at least 1, got {max_tokens}.",
+        max_tokens,
     )
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = f.number(name, 0.0)
-        _require(
-            value is not None and -2 <= value <= 2, name, f"must be in [-2, 2], got {value}.", value
-        )
-    repetition = f.number("repetition_penalty", 1.0)
-    _require(
-        repetition is not None and repetition > 0,
-        "repetition_penalty",
-        f"must be greater than zero, got {repetition}.",
-        repetition,
-    )
-    _require(max_tokens >= 1, "max_tokens", f"must be at least 1, got {max_tokens}.", max_tokens)
     min_tokens = f.integer("min_tokens", 0) or 0
     _require(
         min_tokens >= 0,
-        "min_tokens",
-        f"must be greater than or equal to 0, got {min_tokens}.",
+        None,
+        f"min_tokens must be greater than or equal to 0, got {min_tokens}.",
         min_tokens,
     )
     _require(
         min_tokens <= max_tokens,
-        "min_tokens",
-        f"must be less than or equal to max_tokens={max_tokens}, got {min_tokens}.",
+        None,
+        f"min_tokens must be less than or equal to max_tokens={max_tokens}, got {min_tokens}.",
         min_tokens,
     )
-    seed = f.integer("seed")
-    _require(
-        seed is None or -_INT64 <= seed < _INT64, "seed", f"must fit in 64 bits, got {seed}.", seed
-    )
+    _require("" not in f.stop(), None, "stop cannot contain an empty string.", None)
     return temperature
 
 
-def _require(ok: bool, name: str, rest: str, value: Any) -> None:
+def _require(ok: bool, param: str | None, message: str, value: Any) -> None:
     if not ok:
-        raise invalid(f"{name} {rest}", name, value)
+        raise invalid(message, param, value)
 
 
 def _sampling_path(f: _Fields, temperature: float) -> str:
@@ -645,8 +802,13 @@ def tokenize(body: dict[str, Any], ctx: Context) -> dict[str, Any]:
         add_special = f.boolean("add_special_tokens", False)
     else:
         text = f.string("prompt") or ""
-        if "prompt" not in body:
-            raise request_error("body.prompt", "missing", "Field required", None)
+        if "prompt" not in body:  # pydantic names both members of the request union
+            raise request_errors(
+                [
+                    error_detail("body.prompt", "missing", "Field required", body),
+                    error_detail("body.messages", "missing", "Field required", body),
+                ]
+            )
         add_special = f.boolean("add_special_tokens", True)
     return_strs = f.boolean("return_token_strs")
     _check_model(f, ctx)
@@ -664,7 +826,7 @@ def tokenize(body: dict[str, Any], ctx: Context) -> dict[str, Any]:
 def detokenize(body: dict[str, Any], ctx: Context) -> dict[str, Any]:
     f = _Fields(body)
     if "tokens" not in body:
-        raise request_error("body.tokens", "missing", "Field required", None)
+        raise request_error("body.tokens", "missing", "Field required", body)
     tokens = f.int_list("tokens")
     _check_model(f, ctx)
     # Like vLLM, ids outside the vocabulary are dropped rather than refused.

@@ -54,9 +54,7 @@ def completion_response(
     for job, seqs in enumerate(results):
         prompt = gen.prompts[job]
         for index, seq in enumerate(seqs):
-            text = _text(seq)
-            if gen.echo:
-                text = (prompt.text or tok.decode(prompt.ids, skip_special_tokens=True)) + text
+            text = _echo_text(gen, prompt, tok) + _text(seq)
             choices.append(
                 {
                     "index": job * gen.n + index,
@@ -92,8 +90,8 @@ def chat_response(
         {
             "index": index,
             "message": {
-                "role": "assistant",
-                "content": _text(seq),
+                "role": gen.reply_role,
+                "content": gen.chat_echo + _text(seq),
                 "refusal": None,
                 "annotations": None,
                 "audio": None,
@@ -141,6 +139,14 @@ def usage(
         out["prompt_tokens_details"] = None
         out["completion_tokens_details"] = None
     return out
+
+
+def _echo_text(gen: Generation, prompt: Prompt, tok: Tokenizer) -> str:
+    """What an echo puts before the output: the prompt as sent (token ids decoded with
+    their special tokens), or nothing when the client asked for token ids instead."""
+    if not gen.echo or gen.return_token_ids:
+        return ""
+    return prompt.text if prompt.text is not None else tok.decode(prompt.ids)
 
 
 def _text(seq: SeqResult) -> str:
@@ -258,13 +264,13 @@ def role_chunks(gen: Generation, ids: Ids) -> list[dict[str, Any]]:
     if not gen.chat:
         return []
     prompt_ids = gen.prompts[0].ids if gen.return_token_ids else None
-    return [
+    chunks: list[dict[str, Any]] = [
         {
             **_chunk_head(gen, ids),
             "choices": [
                 {
                     "index": index,
-                    "delta": {"role": "assistant", "content": ""},
+                    "delta": {"role": gen.reply_role, "content": ""},
                     "logprobs": None,
                     "finish_reason": None,
                 }
@@ -274,6 +280,25 @@ def role_chunks(gen: Generation, ids: Ids) -> list[dict[str, Any]]:
         }
         for index in range(gen.n)
     ]
+    if gen.chat_echo:  # then the echoed last message, once per choice
+        chunks += [
+            {
+                **_chunk_head(gen, ids),
+                "choices": [
+                    {
+                        "index": index,
+                        "delta": {"content": gen.chat_echo},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ],
+            }
+            for index in range(gen.n)
+        ]
+    if gen.continuous_usage:
+        for chunk in chunks:
+            chunk["usage"] = _running_usage(gen, len(gen.prompts[0].ids), 0)
+    return chunks
 
 
 def delta_chunk(
@@ -300,17 +325,41 @@ def delta_chunk(
             choice["stop_reason"] = _stop_reason(seq)
         choice["token_ids"] = token_ids
     else:
-        first = positions.start == 0 and gen.return_token_ids
+        # The first chunk of a choice carries the echo and, when echoed or asked for,
+        # the prompt's token ids.
+        first = positions.start == 0
+        prompt = gen.prompts[job]
+        echo_prompt = prompt if first and gen.echo else None
         choice = {
             "index": job * gen.n + index,
-            "text": text,
-            "logprobs": _completion_logprobs(gen, seq, tok, positions.start, positions.stop),
+            "text": (_echo_text(gen, prompt, tok) if first else "") + text,
+            "logprobs": _completion_logprobs(
+                gen, seq, tok, positions.start, positions.stop, echo_prompt
+            ),
             "finish_reason": finish_reason,
             "stop_reason": _stop_reason(seq) if finish_reason is not None else None,
-            "prompt_token_ids": gen.prompts[job].ids if first else None,
+            "prompt_token_ids": (
+                prompt.ids if first and (gen.echo or gen.return_token_ids) else None
+            ),
             "token_ids": token_ids,
         }
-    return {**_chunk_head(gen, ids), "choices": [choice]}
+    chunk = {**_chunk_head(gen, ids), "choices": [choice]}
+    if gen.continuous_usage:
+        prompt_tokens = len(gen.prompts[job].ids)
+        chunk["usage"] = _running_usage(gen, prompt_tokens, positions.stop)
+    return chunk
+
+
+def _running_usage(gen: Generation, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """stream_options.continuous_usage_stats: one choice's counts so far, on every chunk."""
+    out: dict[str, Any] = {
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "completion_tokens": completion_tokens,
+    }
+    if gen.chat:
+        out["completion_tokens_details"] = None
+    return out
 
 
 def usage_chunk(

@@ -404,9 +404,9 @@ class Simulator:
             for chunk in responses.role_chunks(gen, ids):
                 yield responses.sse(chunk)
             for update in first:
-                yield self._update_events(gen, batch, ids, update, first[-1] is update)
+                yield self._update_events(gen, batch, ids, update)
             while not batch.finished:
-                yield self._update_events(gen, batch, ids, await batch.next_update(), True)
+                yield self._update_events(gen, batch, ids, await batch.next_update())
             if gen.include_usage:
                 usage = responses.usage_chunk(gen, ids, batch.results)
                 yield responses.sse({**usage, "system_fingerprint": responses.SYSTEM_FINGERPRINT})
@@ -417,7 +417,7 @@ class Simulator:
             self._end()
 
     def _update_events(
-        self, gen: api.Generation, batch: _Batch, ids: responses.Ids, update: Update, latest: bool
+        self, gen: api.Generation, batch: _Batch, ids: responses.Ids, update: Update
     ) -> bytes:
         positions = {index: range(pos, pos + 1) for index, pos in update.emitted}
         reasons = dict(update.finished)
@@ -430,9 +430,12 @@ class Simulator:
                     gen, ids, update.job, index, seqs[index], span, reasons.get(index), self._tok
                 )
             )
-        if chunks and latest and batch.finished and not gen.include_usage:
-            # vLLM puts the fingerprint on the last chunk before [DONE].
-            chunks[-1]["system_fingerprint"] = responses.SYSTEM_FINGERPRINT
+        if not gen.include_usage:
+            # vLLM stamps the fingerprint on each choice's finish chunk (the usage chunk
+            # carries it instead when there is one).
+            for chunk in chunks:
+                if chunk["choices"][0]["finish_reason"] is not None:
+                    chunk["system_fingerprint"] = responses.SYSTEM_FINGERPRINT
         return b"".join(responses.sse(chunk) for chunk in chunks)
 
     def _begin(self) -> None:
