@@ -393,6 +393,12 @@ def report(outcomes: Sequence[Outcome]) -> str:
     if names:
         lines += [
             "",
+            "Each cell: first/warm ratio (first wall ms / warm median wall ms). Over the simulator the",
+            "ratio comes from its own cost report (first cost over that cost without its one-time",
+            "compilation), which machine noise and differing output lengths cannot move.",
+        ]
+        lines += [
+            "",
             "| held-out request | " + " | ".join(o.strategy for o in outcomes) + " |",
             "|---|" + "---:|" * len(outcomes),
         ]
