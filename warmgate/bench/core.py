@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -442,3 +442,111 @@ def as_json(outcomes: Sequence[Outcome]) -> list[dict[str, Any]]:
         }
         for o in outcomes
     ]
+
+
+# --- one start driven by a caller (scripts/kubelet_replay.py) ------------------------------
+
+
+@dataclass(slots=True)
+class Started:
+    """A fresh upstream process, under `warmgate run` when `probe_port` is set."""
+
+    proc: subprocess.Popen[bytes]
+    port: int  # the upstream's API port
+    probe_port: int | None  # warmgate's probe port
+    began: float  # time.monotonic() just before the spawn: the container's start
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def warmgate_command(
+    probe_port: int, upstream_argv: Sequence[str], args: Sequence[str] = ()
+) -> list[str]:
+    """`warmgate run` on 127.0.0.1:`probe_port` over the upstream, as `run_strategy` starts it."""
+    return [
+        sys.executable, "-m", "warmgate", "run", "--host", "127.0.0.1", "--port", str(probe_port),
+        "--log-format", "json", *args, "--", *upstream_argv,
+    ]  # fmt: skip
+
+
+@contextlib.contextmanager
+def started(
+    upstream: Upstream,
+    *,
+    under_warmgate: bool = False,
+    warmgate_args: Sequence[str] = (),
+    log_path: Path | None = None,
+) -> Iterator[Started]:
+    """Spawn the upstream (fresh compile cache, own session) and stop it on exit: SIGINT, which
+    warmgate forwards at once without a drain, then SIGKILL to the session after 10 s."""
+    port = free_port()
+    probe_port = free_port() if under_warmgate else None
+    argv = upstream.command(port)
+    if probe_port is not None:
+        argv = warmgate_command(probe_port, argv, warmgate_args)
+    with contextlib.ExitStack() as stack:
+        cache = stack.enter_context(tempfile.TemporaryDirectory(prefix="warmgate-bench-"))
+        log: Any = stack.enter_context(open(log_path, "wb")) if log_path else subprocess.DEVNULL
+        env = {**os.environ, **upstream.env, **_fresh_cache_env(cache)}
+        began = time.monotonic()
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log, start_new_session=True)
+        try:
+            yield Started(proc, port, probe_port, began)
+        finally:
+            _interrupt(proc)
+
+
+def _interrupt(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever the server left behind in its session
+    proc.wait()
+
+
+async def send_first(
+    client: httpx.AsyncClient,
+    base: str,
+    request: HeldoutRequest,
+    *,
+    model: str,
+    context: int = 2048,
+) -> Measured:
+    """Send one held-out request once, as a client would: the model and context from
+    /v1/models when the upstream answers, else the given ones. Connection errors and
+    non-200 answers become `error`; over the simulator its cost report is filled in."""
+    measured = Measured(request.name)
+    with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
+        model, context = await _model(client, base)
+    rate = await _tokens_per_word(client, base, model)
+    began = time.perf_counter()
+    try:
+        sent = await _send(client, base, model, request, rate, context)
+    except httpx.HTTPError as exc:
+        measured.first_ms = (time.perf_counter() - began) * 1000
+        measured.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return measured
+    if isinstance(sent, str):
+        measured.first_ms = (time.perf_counter() - began) * 1000
+        measured.error = sent
+        return measured
+    measured.first_ms, cost, measured.compiled_after_ready = sent
+    if cost is not None:
+        measured.first_cost_ms, measured.first_compile_ms = cost
+    return measured
+
+
+async def warmup_sh(client: httpx.AsyncClient, base: str, poll_s: float = 1.0) -> None:
+    """The whole reference warmup.sh: `until curl -s /health; do sleep 1; done`, then its
+    three chat requests."""
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if (await client.get(f"{base}/health", timeout=10.0)).status_code == 200:
+                break
+        await asyncio.sleep(poll_s)
+    model, _ = await _model(client, base)
+    await _warmup_sh(client, base, model)
