@@ -390,7 +390,7 @@ def bench(
         str, typer.Option(help="Comma list of health, warmup.sh, warmgate, plan.")
     ] = ("health,warmup.sh,warmgate"),
     plan: PlanFile = None,
-    warm_runs: Annotated[int, typer.Option(help="Warm runs per held-out request (median).")] = 3,
+    warm_runs: Annotated[int, typer.Option(help="Warm runs per held-out request (median).")] = 5,
     warmgate_args: Annotated[
         str, typer.Option(help="Extra `warmgate run` options for its strategies.")
     ] = "",
