@@ -224,7 +224,11 @@ def main() -> None:
     # 2-4. a real warm-up over the simulator
     probe_port, sim_port = free_port(), free_port()
     gate = start_warmgate(
-        probe_port, sim_port, "--health-interval", "0.25", sim_extra=("--load-seconds", "3")
+        probe_port,
+        sim_port,
+        "--health-interval",
+        "0.25",
+        sim_extra=("--load-seconds", "3", "--time-scale", "0.25"),
     )
     try:
         wait_listening(probe_port)
