@@ -134,7 +134,8 @@ class Gate:
     async def run(self, exited: asyncio.Future[int], sock: socket.socket, stopper: Any) -> int:
         """Serve probes and drive the lifecycle until the child exits; the exit code."""
         self._stopper = stopper
-        server = await probe.serve(self, sock=sock)
+        server = probe.ProbeThread(self, sock)
+        server.start()
         self._log.info("listening", host=server.host, port=server.port, upstream=self.upstream_url)
         self._apply(lc.ChildSpawned(self.child.pid))
         try:
@@ -147,7 +148,7 @@ class Gate:
         except* _ChildGone:
             pass
         finally:
-            server.close()
+            server.stop()
             await self.upstream.aclose()
         return self._exit_code(status)
 

@@ -6,6 +6,7 @@ paths to answers, so a probe costs one dictionary lookup and one small JSON body
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import sys
 from collections.abc import Awaitable, Callable
@@ -89,3 +90,54 @@ def check(host: str, port: int, path: str, timeout: float) -> int:
         first_line = head.split(b"\r\n", 1)[0].decode(errors="replace")
         print(f"warmgate probe: {host}:{port}{path}: {first_line or 'no answer'}", file=sys.stderr)
     return 0 if ok else 1
+
+
+class ProbeThread:
+    """The probe server on an event loop of its own, in its own thread.
+
+    The warm-up keeps the main loop busy (64 requests in flight, their JSON), and a probe
+    queued behind that work would wait tens of milliseconds; on its own loop it waits at
+    most for the GIL. The view's methods only read state, which is safe across threads.
+    """
+
+    def __init__(self, view: ProbeView, sock: socket.socket) -> None:
+        import threading
+
+        self._view, self._sock = view, sock
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="probe", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self.host, self.port = "", 0
+
+    def start(self) -> None:
+        self._thread.start()
+        self._started.wait(timeout=10)
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=2)
+
+    def _run(self) -> None:
+        import uvloop
+
+        try:
+            uvloop.run(self._serve())
+        except BaseException as exc:  # reported to start(), which raises it in the main thread
+            self._error = exc
+            self._started.set()
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        server = await serve(self._view, sock=self._sock)
+        self.host, self.port = server.host, server.port
+        self._started.set()
+        try:
+            await self._stop.wait()
+        finally:
+            server.close()
