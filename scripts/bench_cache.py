@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +23,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from warmgate.bench.core import stop_session
 
 ROOT = Path(__file__).resolve().parent.parent
 # A short warm-up: both starts run the same one, so the difference is the engine's own start.
@@ -68,12 +69,7 @@ def one_start(command: list[str], cache: Path, env: dict[str, str], log: Path) -
             ready = time.monotonic() - began
             _, status_body = get(probe, "/status")
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop_session(proc, timeout=60)
     return {"healthy_s": healthy, "ready_s": ready, "cache": status_body["cache"]}
 
 

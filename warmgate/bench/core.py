@@ -234,7 +234,7 @@ async def run_strategy(
         except (RuntimeError, httpx.HTTPError, TimeoutError) as exc:
             outcome.error = str(exc) or type(exc).__name__
         finally:
-            _stop(proc)
+            stop_session(proc)
             if log_dir:
                 log.close()  # type: ignore[union-attr]
     return outcome
@@ -290,7 +290,9 @@ async def _tokens_per_word(client: httpx.AsyncClient, base: str, model: str) -> 
         return 1.5
 
 
-async def _mix(client: httpx.AsyncClient, base: str, model: str, context: int, warm_runs: int) -> list[Measured]:
+async def _mix(
+    client: httpx.AsyncClient, base: str, model: str, context: int, warm_runs: int
+) -> list[Measured]:
     """Each held-out request once (first), then again `warm_runs` times with fresh text (warm).
 
     First and warm runs of one request go back to back, so both see the engine in the same
@@ -368,11 +370,12 @@ def _sim_report(reply: httpx.Response) -> tuple[tuple[float, float] | None, list
     return cost, keys
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def stop_session(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """SIGTERM the server's whole session, SIGKILL it if it outlives `timeout`."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
