@@ -2,15 +2,16 @@
 
 Real processes on loopback. Clients talk to the simulator directly, as a Service would
 send them to the pod: warmgate does not proxy traffic, it only reads the simulator's
-in-flight gauges on /metrics. That is also why no test expects warmgate to *name* the
-requests still in flight: vLLM exposes counts only (no API lists requests), so the log
-and the exit line carry the count.
+in-flight gauges on /metrics. To name what a timed-out drain left running it lists the
+upstream's client connections, and, when the engine logs both ends of each request
+(vLLM's and the simulator's --enable-log-requests --enable-log-outputs), their ids.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import json
 import os
 import re
@@ -20,7 +21,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -167,6 +169,31 @@ def complete(sim_port: int, max_tokens: int = LONG) -> tuple[int, Any]:
         return err.code, err.read().decode(errors="replace")
 
 
+def open_chat(sim_port: int, request_id: str) -> tuple[int, Callable[[], tuple[int, Any]]]:
+    """Connect to the simulator: (the client's local port, a call that runs a long chat)."""
+    conn = http.client.HTTPConnection("127.0.0.1", sim_port, timeout=30)
+    conn.connect()
+    assert conn.sock is not None
+    local_port = int(conn.sock.getsockname()[1])
+    body = {
+        "model": "warmgate/sim",
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": LONG,
+        "ignore_eos": True,
+    }
+    headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
+
+    def send() -> tuple[int, Any]:
+        try:
+            conn.request("POST", "/v1/chat/completions", json.dumps(body), headers)
+            reply = conn.getresponse()
+            return reply.status, json.loads(reply.read())
+        finally:
+            conn.close()
+
+    return local_port, send
+
+
 def assert_full(reply: tuple[int, Any], max_tokens: int = LONG) -> None:
     status, body = reply
     assert status == 200, body
@@ -300,6 +327,9 @@ def test_drain_timeout_stops_the_child_and_counts_what_was_left(pods: Pods, mode
     (done,) = [e for e in lines if e.get("event") == "drain_done"]
     assert done["level"] == "warning" and done["outcome"] == "timed_out", done
     assert done["inflight"] == 4 and 0.9 <= done["seconds"] <= 3, done
+    # Named by their connections; the simulator was not asked to log request ids.
+    assert len(done["connections"]) == len(end["connections"]) == 4, done
+    assert "requests" not in done and "--enable-log-outputs" in done["requests_hint"], done
     assert lines.index(done) < lines.index(end)
     if mode == "abort":  # vLLM's default: the cut-off requests end with "abort"
         assert code == end["code"] == sim_exit_code(pod) == 0
@@ -310,6 +340,54 @@ def test_drain_timeout_stops_the_child_and_counts_what_was_left(pods: Pods, mode
         assert pod.events("stop_timeout")
         assert all(isinstance(o, Exception) for o in outcomes), outcomes
     assert stopped_after < 12
+    assert wait_for(lambda: not left_of(pod.sim_group, pod.sim_pid), timeout=5)
+
+
+def test_drain_timeout_names_the_requests_and_connections_left(pods: Pods) -> None:
+    # One sequence at a time: three long chats need ~6 s, the drain may take 1.
+    log_flags = ("--enable-log-requests", "--enable-log-outputs")
+    pod = pods.start(
+        "--drain-min", "0", "--drain-timeout", "1",
+        sim_args=("--max-num-seqs", "1", *log_flags), stop_timeout=2,
+    )  # fmt: skip
+    request_ids = [f"drain-test-{i}-{uuid.uuid4().hex[:8]}" for i in range(3)]
+    chats = [open_chat(pod.sim_port, request_id) for request_id in request_ids]
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(send) for _, send in chats]
+        wait_for(lambda: sim_inflight(pod.sim_port) >= 3, timeout=10, interval=0.05)
+        pod.sim_group = group_of(pod.sim_pid)
+        pod.send(signal.SIGTERM)
+
+        def named() -> dict[str, Any] | None:
+            drain: dict[str, Any] | None = http_get(pod.port, "/status")[1]["drain"]
+            return drain if drain and "connections" in drain else None
+
+        seen = wait_for(named, timeout=5, interval=0.05)  # /status while draining
+        code = pod.wg.wait(timeout=30)
+        replies = [f.result(timeout=30) for f in futures]
+
+    # The requests the drain left running are those the stopped child cut off; on this
+    # busy machine the first may finish in full before the drain's 1 s runs out.
+    cut = [
+        i for i, (_, body) in enumerate(replies) if body["choices"][0]["finish_reason"] == "abort"
+    ]
+    assert len(cut) >= 2, replies
+    requests = sorted(f"chatcmpl-{request_ids[i]}" for i in cut)
+    connections = sorted(f"127.0.0.1:{chats[i][0]}" for i in cut)
+    end = pod.exit_event()
+    (done,) = pod.events("drain_done")
+    for line in (done, end):
+        assert sorted(line["requests"]) == requests, line
+        assert sorted(line["connections"]) == connections, line
+        assert not {"requests_more", "connections_more", "requests_dropped"} & line.keys()
+    assert done["outcome"] == end["drain"] == "timed_out", done
+    assert done["inflight"] == end["inflight"] == len(cut), done
+    assert set(requests) <= set(seen["requests"]) <= {f"chatcmpl-{r}" for r in request_ids}
+    assert set(connections) <= set(seen["connections"]), seen
+    # The child was stopped: it aborted exactly the requests named, and nothing is left.
+    assert code == end["code"] == 0, end
+    aborted = re.findall(r"Request (\S+) aborted\.", pod.wg.stdout)
+    assert sorted(aborted) == requests, pod.wg.stdout[-4000:]
     assert wait_for(lambda: not left_of(pod.sim_group, pod.sim_pid), timeout=5)
 
 

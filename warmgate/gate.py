@@ -14,9 +14,10 @@ import sys
 import threading
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
+from warmgate import inflight, log, probe, process, servers
 from warmgate import lifecycle as lc
-from warmgate import log, probe, process
 from warmgate.cache import CacheReport
 from warmgate.config import RunSettings
 from warmgate.errors import Exit
@@ -26,6 +27,10 @@ from warmgate.warmup import Runner, ShapeResult, build, discover, summary_table
 
 JIT_MARKER = b"JIT compilation during inference"
 PROGRESS_EVERY_S = 10.0
+WARMUP_ID_MARK = "warmgate-"  # in the X-Request-Id of every warm-up request
+# Drain outcomes that leave requests possibly still running: their log lines name them.
+NAMED_OUTCOMES = ("timed_out", "skipped", "no_metrics")
+NAME_KEYS = ("connections", "connections_more", "requests", "requests_more", "requests_dropped")
 
 
 class JitScanner:
@@ -77,6 +82,12 @@ class Gate:
             on_warmup_failure="ready" if settings.on_warmup_failure == "ready" else "fail",
         )
         self.jit = JitScanner()
+        # Request ids are tracked only when the engine logs both ends of each request.
+        self.requests = (
+            inflight.RequestLog() if inflight.logs_request_ends(settings.command) else None
+        )
+        address = urlsplit(upstream_url)
+        self.upstream_port = address.port or (443 if address.scheme == "https" else 80)
         self.counters = Counters()
         self.meter = Metrics(self._read_counters)
         self.results: list[ShapeResult] = []
@@ -128,6 +139,12 @@ class Gate:
 
     def metrics(self) -> bytes:
         return self.meter.render()
+
+    def scan_output(self, stream: int, data: bytes) -> None:
+        """A copy of the child's output, from the pump threads."""
+        self.jit.feed(stream, data)
+        if self.requests is not None:
+            self.requests.feed(stream, data)
 
     # --- running ----------------------------------------------------------------------
 
@@ -252,6 +269,8 @@ class Gate:
         else:
             self._warmup_done(True, "")
         finally:
+            if self.requests is not None:  # every warm-up request has ended by now
+                self.requests.forget(WARMUP_ID_MARK)
             self._summarise(time.monotonic() - began)
             await self._measure_cache("warm")
 
@@ -305,6 +324,7 @@ class Gate:
             self.counters.drain_inflight = inflight
             self.counters.drain_seconds = now - began
             self.drain.update(inflight=inflight, seconds=round(now - began, 2))
+            self.drain.update(await asyncio.to_thread(self._in_flight_names))
             if inflight is None and not warned:
                 warned = True
                 self._log.warning(
@@ -315,10 +335,10 @@ class Gate:
             idle = inflight is None or zero_polls >= 2
             if idle and now >= earliest:
                 # Without gauges nothing was checked: say so rather than "emptied".
-                self._finish_drain("emptied" if inflight is not None else "no_metrics", inflight)
+                self._finish_drain("emptied" if inflight is not None else "no_metrics")
                 return
             if now >= deadline:
-                self._finish_drain("timed_out", inflight)
+                self._finish_drain("timed_out")
                 return
             await asyncio.sleep(min(0.5, max(0.0, deadline - now)))
 
@@ -327,20 +347,45 @@ class Gate:
         if self.drain.get("outcome") != "draining":
             return
         outcome = "child_exited" if self.life.child_status is not None else "skipped"
-        self.drain["outcome"] = outcome
         self.drain["seconds"] = round(self._wall(time.monotonic()) - self.drain["started_at"], 2)
-        self._log.warning(
-            "drain_done",
-            outcome=outcome,
-            inflight=self.drain.get("inflight"),
-            seconds=self.drain["seconds"],
-        )
+        self._log.warning("drain_done", **self._drain_outcome(outcome))
 
-    def _finish_drain(self, outcome: str, inflight: float | None) -> None:
-        self.drain["outcome"] = outcome
+    def _finish_drain(self, outcome: str) -> None:
         emit = self._log.info if outcome == "emptied" else self._log.warning
-        emit("drain_done", outcome=outcome, inflight=inflight, seconds=self.drain.get("seconds"))
+        emit("drain_done", **self._drain_outcome(outcome))
         self._apply(lc.DrainDone())
+
+    def _drain_outcome(self, outcome: str) -> dict[str, Any]:
+        """Record how the drain ended; the drain_done fields, naming what may still run."""
+        self.drain["outcome"] = outcome
+        fields: dict[str, Any] = {
+            "outcome": outcome,
+            "inflight": self.drain.get("inflight"),
+            "seconds": self.drain.get("seconds"),
+        }
+        if outcome not in NAMED_OUTCOMES:  # nothing left running: the names are stale
+            for key in NAME_KEYS:
+                self.drain.pop(key, None)
+            return fields
+        fields.update((k, self.drain[k]) for k in NAME_KEYS if k in self.drain)
+        if self.requests is None and servers.recognise(self.settings.command) in (
+            servers.VLLM,
+            servers.SIM,
+        ):
+            fields["requests_hint"] = (
+                "start vLLM with --enable-log-requests --enable-log-outputs "
+                "to name the requests by id"
+            )
+        return fields
+
+    def _in_flight_names(self) -> dict[str, Any]:
+        """The upstream's client connections, and the request ids its log left open."""
+        fields = inflight.named("connections", inflight.read_client_connections(self.upstream_port))
+        if self.requests is not None:
+            fields.update(inflight.named("requests", self.requests.open_ids()))
+            if self.requests.dropped:
+                fields["requests_dropped"] = self.requests.dropped
+        return fields
 
     # --- helpers ----------------------------------------------------------------------
 
@@ -360,6 +405,7 @@ class Gate:
         if self.drain:
             fields["drain"] = self.drain.get("outcome")
             fields["inflight"] = self.drain.get("inflight")
+            fields.update((k, self.drain[k]) for k in NAME_KEYS if k in self.drain)
         return fields
 
     def _wall(self, mono: float) -> float:

@@ -166,7 +166,7 @@ async def _supervise(
         for warning in settings.drain_warnings():
             logger.warning("config", note=warning)
     pumps = _start_pumps(
-        child, gate.jit.feed if gate is not None else None
+        child, gate.scan_output if gate is not None else None
     )  # threads start with signals blocked
 
     def on_main_exit(status: int) -> None:

@@ -81,6 +81,14 @@ def sim_command(
     ] = False,
     slow: Annotated[float, _opt("SLOW", "Extra seconds before each generation response.")] = 0.0,
     log_level: Annotated[str, _opt("LOG_LEVEL", "debug, info, warning or error.")] = "info",
+    enable_log_requests: Annotated[
+        bool,
+        _opt("ENABLE_LOG_REQUESTS", "Log each request's id as it arrives and ends, as vLLM does."),
+    ] = False,
+    enable_log_outputs: Annotated[
+        bool,
+        _opt("ENABLE_LOG_OUTPUTS", "Log chat outputs, as vLLM does (needs --enable-log-requests)."),
+    ] = False,
 ) -> None:
     """Run a deterministic vLLM stand-in with lazy-compilation costs and injectable faults."""
     # Imported here, not at the top: `warmgate run` loads this module to build its
@@ -109,6 +117,8 @@ def sim_command(
             fail_first=fail_first,
             malformed=malformed,
             slow=slow,
+            enable_log_requests=enable_log_requests,
+            enable_log_outputs=enable_log_outputs,
         )
     except SettingsError as exc:
         print(f"warmgate sim: {exc}", file=sys.stderr)

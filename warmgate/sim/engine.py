@@ -50,6 +50,8 @@ class EngineRequest:
     compile_ms: float = 0.0
     batch_max: int = 0
     done: bool = False
+    request_id: str = ""  # vLLM's id for the request ("cmpl-<base>-0", "chatcmpl-<base>")
+    engine_id: str = ""  # and the engine's: request_id + "-" + 8 random hex digits
 
     @property
     def active_seqs(self) -> int:

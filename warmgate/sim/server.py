@@ -20,7 +20,7 @@ from typing import Any
 
 from warmgate import log as wglog
 from warmgate.httpserver import Request, Response, Server, start_server
-from warmgate.sim import api, responses
+from warmgate.sim import api, requestlog, responses
 from warmgate.sim.engine import Engine, EngineRequest, SeqState, Update
 from warmgate.sim.generate import plan_sequence
 from warmgate.sim.metrics import CONTENT_TYPE, SimMetrics
@@ -265,6 +265,12 @@ class Simulator:
 
     def _on_finish(self, request: EngineRequest, reason: str) -> None:
         self._metrics.observe_finish(reason, request.cost_ms / 1000)
+        if reason == "abort" and self._s.enable_log_requests and request.request_id:
+            for line in requestlog.aborted(request.request_id, request.engine_id):
+                self._vllm_log(line)
+
+    def _vllm_log(self, line: str) -> None:
+        print(line, flush=True)  # vLLM's logger writes to stdout
 
     # -- routing -------------------------------------------------------------------------
 
@@ -362,51 +368,77 @@ class Simulator:
                 return Response.json(exc.body(), exc.status)
             table = self._s.costs
             await asyncio.sleep(table.request_ms / 1000 * self._s.time_scale)
-            batch = self._submit(gen)
+            ids = _ids(gen.chat, request.headers.get("x-request-id"))
+            batch = self._submit(gen, ids.id)
             try:
                 if gen.stream:
-                    response = await self._start_stream(gen, batch)
+                    response = await self._start_stream(gen, batch, ids)
                     handed_to_stream = True
                     return response
                 await batch.wait_done()
             finally:
                 if not handed_to_stream:
                     batch.cancel()  # no-op once finished; the client left otherwise
-            ids = responses.Ids.new(gen.chat)
             build = responses.chat_response if gen.chat else responses.completion_response
             payload = build(gen, batch.results, ids, self._tok)
+            if gen.chat and self._s.enable_log_outputs:
+                for choice in payload["choices"]:
+                    if choice["message"]["content"]:  # vLLM logs no empty output
+                        self._vllm_log(
+                            requestlog.generated(
+                                ids.id, choice["message"]["content"], choice["finish_reason"]
+                            )
+                        )
             return Response.json(payload, headers=batch.cost_headers())
         finally:
             if not handed_to_stream:
                 self._end()
 
-    def _submit(self, gen: api.Generation) -> _Batch:
+    def _submit(self, gen: api.Generation, request_id: str) -> _Batch:
         sink: asyncio.Queue[Update] = asyncio.Queue()
         jobs = []
+        log_requests = self._s.enable_log_requests
         for job, (prompt, spec) in enumerate(zip(gen.prompts, gen.specs, strict=True)):
             seqs = [SeqState(plan_sequence(self._tok, prompt.ids, spec, i)) for i in range(gen.n)]
             request = EngineRequest(job, prompt.ids, seqs, gen.features, sink)
+            request.request_id = request_id if gen.chat else f"{request_id}-{job}"
+            request.engine_id = requestlog.engine_id(request.request_id)
+            if log_requests:
+                self._vllm_log(requestlog.received(request.request_id, spec, gen.n))
             self._engine.submit(request)
+            if log_requests:
+                for child in range(gen.n) if gen.n > 1 else (None,):
+                    prefix = "" if child is None else f"{child}_"
+                    self._vllm_log(requestlog.added(prefix + request.engine_id))
             jobs.append(request)
         return _Batch(self._engine, jobs, self._s.costs.request_ms)
 
-    async def _start_stream(self, gen: api.Generation, batch: _Batch) -> Response:
+    async def _start_stream(
+        self, gen: api.Generation, batch: _Batch, ids: responses.Ids
+    ) -> Response:
         # Headers wait for the first token, so they can carry the one-time costs paid.
         first = await batch.first_updates()
-        ids = responses.Ids.new(gen.chat)
         body = self._sse(gen, batch, ids, first)
         return Response(200, body, batch.cost_headers(first_token=True), SSE_TYPE)
 
     async def _sse(
         self, gen: api.Generation, batch: _Batch, ids: responses.Ids, first: list[Update]
     ) -> AsyncIterator[bytes]:
+        texts: dict[int, str] = {}  # chat: each choice's output so far, for the log
         try:
             for chunk in responses.role_chunks(gen, ids):
                 yield responses.sse(chunk)
             for update in first:
-                yield self._update_events(gen, batch, ids, update)
+                yield self._update_events(gen, batch, ids, update, texts)
             while not batch.finished:
-                yield self._update_events(gen, batch, ids, await batch.next_update())
+                yield self._update_events(gen, batch, ids, await batch.next_update(), texts)
+            if gen.chat and self._s.enable_log_outputs:
+                for index in range(gen.n):
+                    self._vllm_log(
+                        requestlog.generated(
+                            ids.id, texts.get(index, ""), "streaming_complete", "complete"
+                        )
+                    )
             if gen.include_usage:
                 usage = responses.usage_chunk(gen, ids, batch.results)
                 yield responses.sse({**usage, "system_fingerprint": responses.SYSTEM_FINGERPRINT})
@@ -417,7 +449,12 @@ class Simulator:
             self._end()
 
     def _update_events(
-        self, gen: api.Generation, batch: _Batch, ids: responses.Ids, update: Update
+        self,
+        gen: api.Generation,
+        batch: _Batch,
+        ids: responses.Ids,
+        update: Update,
+        texts: dict[int, str],
     ) -> bytes:
         positions = {index: range(pos, pos + 1) for index, pos in update.emitted}
         reasons = dict(update.finished)
@@ -430,6 +467,14 @@ class Simulator:
                     gen, ids, update.job, index, seqs[index], span, reasons.get(index), self._tok
                 )
             )
+        if gen.chat and self._s.enable_log_outputs:
+            for chunk in chunks:
+                choice = chunk["choices"][0]
+                delta = choice["delta"].get("content") or ""
+                texts[choice["index"]] = texts.get(choice["index"], "") + delta
+                if delta:
+                    line = requestlog.generated(ids.id, delta, choice["finish_reason"], "delta")
+                    self._vllm_log(line)
         if not gen.include_usage:
             # vLLM stamps the fingerprint on each choice's finish chunk (the usage chunk
             # carries it instead when there is one).
@@ -446,6 +491,13 @@ class Simulator:
         self._in_flight -= 1
         if self._in_flight == 0:
             self._idle.set()
+
+
+def _ids(chat: bool, request_id_header: str | None) -> responses.Ids:
+    """vLLM names a request after its X-Request-Id header, when it has one."""
+    if request_id_header:
+        return responses.Ids(requestlog.request_id(request_id_header, chat), int(time.time()))
+    return responses.Ids.new(chat)
 
 
 def _body(request: Request) -> dict[str, Any]:

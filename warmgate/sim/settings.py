@@ -38,6 +38,8 @@ class SimSettings:
     fail_first: int = 0
     malformed: bool = False
     slow: float = 0.0
+    enable_log_requests: bool = False  # vLLM's request logging, line for line
+    enable_log_outputs: bool = False
 
     def __post_init__(self) -> None:
         _check(0 <= self.port < 65536, f"--port {self.port} is not a TCP port (0-65535)")
@@ -53,6 +55,10 @@ class SimSettings:
         _check(0 <= self.crash_code < 256, "--crash-code must be 0-255")
         _check(self.fail_first >= 0, "--fail-first must be >= 0")
         _check(self.slow >= 0, "--slow must be >= 0")
+        _check(  # vLLM's own rule
+            self.enable_log_requests or not self.enable_log_outputs,
+            "--enable-log-outputs requires --enable-log-requests",
+        )
         _check(
             self.hang_health_after is None or self.hang_health_after >= 0,
             "--hang-health-after must be >= 0",
