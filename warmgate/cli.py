@@ -9,15 +9,13 @@ from __future__ import annotations
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated
 
 import typer
 
 from warmgate import __version__
 from warmgate.errors import Exit, WarmgateError
-
-if TYPE_CHECKING:
-    from warmgate.config import WarmupSettings
+from warmgate.runargs import ALL_FEATURES, fail, run_settings, warmup_settings
 
 app = typer.Typer(
     add_completion=False,
@@ -75,8 +73,8 @@ class OnFailure(StrEnum):
     ready = "ready"
 
 
-# Options shared by `run` and `warmup`, declared once.
-_ALL_FEATURES = "greedy,sampling,penalties,seed,n,logprobs,prompt_logprobs,json"
+# Options shared by `run` and `warmup`, declared once. `warmgate run` reads its options without
+# typer when it can (warmgate/runargs.py, which tests hold to these declarations).
 Upstream = Annotated[
     str | None,
     typer.Option(
@@ -150,28 +148,6 @@ LogFormatOpt = Annotated[
 ]
 
 
-def _warmup_settings(params: dict[str, Any]) -> WarmupSettings:
-    """The warm-up settings from the options `run` and `warmup` share (click's ctx.params)."""
-    from warmgate.config import WarmupSettings, parse_buckets, parse_list, read_plan
-
-    plan = params["plan"]
-    return WarmupSettings(
-        upstream=params["upstream"],
-        models=tuple(params["model"] or ()),
-        api_key=params["api_key"],
-        health_path=params["health_path"],
-        plan=read_plan(plan) if plan is not None else None,
-        converge=params["converge"],
-        max_repeats=params["max_repeats"],
-        max_tokens=params["max_tokens"],
-        concurrency=parse_buckets(params["concurrency"]),
-        features=parse_list(params["features"]),
-        max_inflight_tokens=params["max_inflight_tokens"],
-        warmup_timeout=params["warmup_timeout"],
-        request_timeout=params["request_timeout"],
-    )
-
-
 @app.command(context_settings={"allow_interspersed_args": False}, help=_RUN_HELP)
 def run(
     ctx: typer.Context,
@@ -231,7 +207,7 @@ def run(
     max_repeats: MaxRepeats = 5,
     max_tokens: MaxTokens = 16,
     concurrency: Concurrency = "1,4,16,64",
-    features: Features = _ALL_FEATURES,
+    features: Features = ALL_FEATURES,
     max_inflight_tokens: MaxInflightTokens = 131_072,
     warmup_timeout: WarmupTimeout = 900.0,
     request_timeout: RequestTimeout = 120.0,
@@ -294,31 +270,7 @@ def run(
         ),
     ] = None,
 ) -> int:
-    from warmgate.config import DEFAULT_INFLIGHT_METRICS, RunSettings
-
-    warmup = _warmup_settings(ctx.params)
-    settings = RunSettings(
-        command=tuple(command or ()),
-        stop_timeout=stop_timeout,
-        signal_group=signal_group,
-        log_level=log_level.value,
-        log_format=log_format.value,
-        warmup=warmup,
-        no_warmup=no_warmup,
-        host=host,
-        port=port,
-        health_interval=health_interval,
-        startup_timeout=startup_timeout,
-        on_warmup_failure=on_warmup_failure.value,
-        unhealthy_threshold=unhealthy_threshold,
-        live_grace=live_grace,
-        drain_min=drain_min,
-        drain_timeout=drain_timeout,
-        grace_period=grace_period,
-        inflight_metrics=tuple(inflight_metric or DEFAULT_INFLIGHT_METRICS),
-        cache_dir=cache_dir,
-        cache_key=cache_key,
-    )
+    settings = run_settings(ctx.params)
     own_vars = [p.envvar for p in ctx.command.params if isinstance(p.envvar, str)]
     from warmgate.supervisor import run as supervise
 
@@ -339,7 +291,7 @@ def warmup(
     max_repeats: MaxRepeats = 5,
     max_tokens: MaxTokens = 16,
     concurrency: Concurrency = "1,4,16,64",
-    features: Features = _ALL_FEATURES,
+    features: Features = ALL_FEATURES,
     max_inflight_tokens: MaxInflightTokens = 131_072,
     warmup_timeout: WarmupTimeout = 900.0,
     request_timeout: RequestTimeout = 120.0,
@@ -349,7 +301,7 @@ def warmup(
     """Warm up an already running server once (init containers, manual use): exit 0 when warm, 1 when not."""
     from warmgate.oneshot import warm_once
 
-    settings = _warmup_settings(ctx.params)
+    settings = warmup_settings(ctx.params)
     return warm_once(settings, log_level.value, log_format.value)
 
 
@@ -424,13 +376,7 @@ def main(argv: list[str]) -> int:
     except typer.TyperException as exc:  # click's UsageError and friends, vendored by typer
         ctx = getattr(exc, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        return _fail(f"{exc.format_message()}{hint}", int(getattr(exc, "exit_code", Exit.USAGE)))
+        return fail(f"{exc.format_message()}{hint}", int(getattr(exc, "exit_code", Exit.USAGE)))
     except WarmgateError as exc:
-        return _fail(str(exc), exc.code)
+        return fail(str(exc), exc.code)
     return result if isinstance(result, int) else 0
-
-
-def _fail(message: str, code: int) -> int:
-    from warmgate.supervisor import log_exit
-
-    return log_exit(None, "usage" if code == Exit.USAGE else "error", code, error=message)

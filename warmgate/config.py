@@ -5,10 +5,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from warmgate.errors import WarmgateError
-from warmgate.plan import FEATURES, PlanError, PlanFileSpec, parse_plan_file
 
+if TYPE_CHECKING:  # the plan module loads after the child is spawned
+    from warmgate.plan import PlanFileSpec
+
+# The sampling features a plan can warm: warmgate.plan.FEATURES (a test holds them equal),
+# named here so that validating the settings does not import the plan.
+FEATURES = ("greedy", "sampling", "penalties", "seed", "n", "logprobs", "prompt_logprobs", "json")
 ON_WARMUP_FAILURE = ("fail", "ready")
 # vLLM's gauges of requests it holds; SGLang users pass theirs with --inflight-metric.
 DEFAULT_INFLIGHT_METRICS = ("vllm:num_requests_running", "vllm:num_requests_waiting")
@@ -155,6 +161,8 @@ def child_environment(environ: Mapping[str, str], own_vars: Iterable[str]) -> di
 
 def read_plan(path: Path) -> PlanFileSpec:
     """Read and check a --plan file up front, so a bad one fails before the child starts."""
+    from warmgate.plan import PlanError, parse_plan_file
+
     try:
         text = path.read_text()
         return parse_plan_file(

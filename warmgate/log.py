@@ -1,12 +1,13 @@
-"""structlog set-up: JSON lines when stderr is not a terminal, readable when it is."""
+"""structlog set-up: JSON lines when stderr is not a terminal, readable when it is.
+
+structlog is imported on first use, after `warmgate run` has spawned its child.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
 from typing import Any
-
-import structlog
 
 LEVELS = ("debug", "info", "warning", "error")
 FORMATS = ("auto", "json", "console")
@@ -16,6 +17,7 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
     """One event per line on stderr, with stable keys (`event`, `phase`, `shape`, `ms`, ...)."""
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
+    structlog = _structlog(pretty_tracebacks=fmt == "console")
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
@@ -38,4 +40,24 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
 
 
 def get(name: str = "warmgate") -> Any:
+    import structlog
+
     return structlog.get_logger(name)
+
+
+def _structlog(pretty_tracebacks: bool) -> Any:
+    """structlog; without rich when only JSON is written (rich and pygments: ~5 MB of RSS).
+
+    structlog.dev imports rich, when installed, for the console renderer's tracebacks; a
+    None entry in sys.modules makes that import fail as if rich were absent.
+    """
+    if pretty_tracebacks or "structlog" in sys.modules or "rich" in sys.modules:
+        import structlog
+
+        return structlog
+    sys.modules["rich"] = None  # type: ignore[assignment]
+    try:
+        import structlog
+    finally:
+        del sys.modules["rich"]
+    return structlog

@@ -1,12 +1,11 @@
 """Wires the child process, its signals and (in warm-up mode) the readiness gate together.
 
 Order matters for start-up speed: the probe port is bound and the child spawned
-before anything heavy (structlog, httpx, prometheus) is imported.
+before anything heavy (asyncio, structlog, httpx, prometheus) is imported.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
@@ -14,11 +13,14 @@ import socket
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from warmgate import process, servers
 from warmgate.config import RunSettings, child_environment
 from warmgate.errors import Exit
+
+if TYPE_CHECKING:
+    import asyncio
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +154,8 @@ async def _supervise(
     sock: socket.socket | None,
     cache_report: Any = None,
 ) -> int:
+    import asyncio
+
     from warmgate import log
 
     logger = log.get()
@@ -160,6 +164,9 @@ async def _supervise(
     stopper = _Stopper(settings, child, loop)
     gate = None
     if target is not None:
+        # httpx's __init__ also loads its command-line client when click and rich are
+        # installed (with pygments: ~5 MB of RSS); None makes that import fail as if absent.
+        sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
         from warmgate.gate import Gate
 
         gate = Gate(settings, child, target.url, target.api_key, cache_report)
@@ -254,6 +261,8 @@ async def _sweep(child: process.Child, grace: float) -> list[int]:
     As PID 1 the kernel would do this when we exit; as a subreaper we must.
     Returns the pids that needed SIGKILL.
     """
+    import asyncio
+
     left = process.descendants()
     if not left:
         return []

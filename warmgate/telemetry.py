@@ -1,14 +1,18 @@
-"""Readings for /status and /metrics: Prometheus registry, GPU (pynvml), process (psutil)."""
+"""Readings for /status and /metrics: Prometheus registry, GPU (pynvml), process (psutil).
+
+Each library is imported where it is first used: `warmgate run --cache-dir` reads the GPU
+name before the child is spawned, and must not wait for prometheus_client to load.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
 
 PHASES = ("starting", "loading", "warming", "ready", "unhealthy", "draining", "stopped", "failed")
 
@@ -30,6 +34,8 @@ class Metrics:
     """warmgate's own registry: a histogram fed by the warm-up, gauges read from `Counters`."""
 
     def __init__(self, read: Callable[[], Counters]) -> None:
+        from prometheus_client import CollectorRegistry, Histogram
+
         self.registry = CollectorRegistry(auto_describe=True)
         self.warmup_seconds = Histogram(
             "warmgate_warmup_request_seconds",
@@ -44,6 +50,8 @@ class Metrics:
         self.warmup_seconds.labels(family=family).observe(seconds)
 
     def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
         return generate_latest(self.registry)
 
 
@@ -52,6 +60,8 @@ class _StateCollector:
         self._read = read
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         c = self._read()
         phase = GaugeMetricFamily(
             "warmgate_phase", "1 for the current lifecycle phase.", labels=["phase"]

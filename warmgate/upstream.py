@@ -42,8 +42,16 @@ class Upstream:
         self.base_url = base_url.rstrip("/")
         # No connection-pool limit: a concurrency bucket of 64 must really be 64 in flight.
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+        # Loading the CA bundle costs ~3 MB of RSS; a plain-http upstream (the usual
+        # 127.0.0.1, paths only, no redirects followed) never uses it.
+        verify = self.base_url.startswith("https://")
         self._client = httpx.AsyncClient(
-            base_url=self.base_url, headers=headers, timeout=timeout, limits=limits, trust_env=False
+            base_url=self.base_url,
+            headers=headers,
+            timeout=timeout,
+            limits=limits,
+            trust_env=False,
+            verify=verify,
         )
 
     async def aclose(self) -> None:
