@@ -7,6 +7,7 @@ import json
 import shlex
 from pathlib import Path
 
+from warmgate.bench.chart import timeline
 from warmgate.bench.core import (
     STRATEGIES,
     Outcome,
@@ -27,6 +28,7 @@ def bench_main(
     warm_runs: int,
     warmgate_args: str,
     out: Path | None,
+    pin_output: bool = True,
 ) -> int:
     chosen = [s.strip() for s in strategies.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in STRATEGIES]
@@ -47,6 +49,7 @@ def bench_main(
                 warm_runs=warm_runs,
                 warmgate_args=shlex.split(warmgate_args),
                 log_dir=out,
+                pin_output=pin_output,
             )
         )
         outcomes.append(outcome)
@@ -60,4 +63,7 @@ def bench_main(
     if out is not None:
         (out / "report.md").write_text(text + "\n")
         (out / "report.json").write_text(json.dumps(as_json(outcomes), indent=2) + "\n")
+        title = f"time to Ready and first request over {upstream.name}"
+        if not timeline(outcomes, out / "timeline.png", title):
+            print("# no chart: pip install 'warmgate[chart]' for matplotlib", flush=True)
     return 0 if all(o.error is None for o in outcomes) else 1
