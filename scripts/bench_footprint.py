@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(figures))
     print(
         f"\nSpawning `date` directly (no supervisor): {statistics.median(floor):.1f} ms median; "
-        "every time to exec includes that floor."
+        "every time to exec includes that floor. CPU time is counted in clock ticks (10 ms)."
     )
     if args.json is not None:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
