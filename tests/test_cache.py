@@ -314,6 +314,95 @@ def test_hit_is_unknown_when_nothing_was_ever_compiled(
     assert report.hit is None and report.new_files == 0
 
 
+# vLLM 0.32's own lines (decorators.py), as the CPU build printed them on a second start.
+VLLM_LOAD_FAILURE = (
+    b"(Worker pid=19065) WARNING 11-23 15:51:11 [decorators.py:333] [backbone] Compiling model "
+    b"again due to a load failure from /c/torch_compile_cache/torch_aot_compile/f3f6/rank_0_0/"
+    b"model, reason: 'function' object has no attribute 'finalize_loading'\n"
+)
+VLLM_LOADED = (
+    b"(Worker pid=7) INFO 11-23 15:51:11 [decorators.py:320] [backbone] Directly load AOT "
+    b"compilation from path /c/torch_compile_cache/torch_aot_compile/f3f6/rank_0_0/model\n"
+)
+
+
+def test_engine_log_counts_loads_and_keeps_failure_reasons_across_odd_splits() -> None:
+    log = cache.EngineCacheLog()
+    data = b"noise\n" + VLLM_LOADED + VLLM_LOAD_FAILURE + b"more noise"
+    for i in range(0, len(data), 7):  # the pump hands over whatever read() returned
+        log.feed(1, data[i : i + 7])
+    log.feed(2, VLLM_LOADED)  # another stream keeps its own unfinished line
+    assert log.as_status() == {
+        "loaded": 2,
+        "load_failures": ["'function' object has no attribute 'finalize_loading'"],
+    }
+
+
+def test_outcome_reads_files_and_the_engine(tmp_path: Path, held: list[CacheDirs]) -> None:
+    dirs = take(held, tmp_path)
+    (dirs.root / "vllm" / "graph").write_bytes(b"g")
+    filled = CacheReport(dirs)
+    filled.record("start", snapshot(dirs))
+    filled.record("warm", snapshot(dirs))
+    assert (filled.outcome, filled.hit) == ("hit", True)
+    # The files stayed the same, but the engine says it could not load them: not a hit.
+    filled.engine.feed(1, VLLM_LOAD_FAILURE)
+    assert (filled.outcome, filled.hit) == ("partial", False)
+    status = filled.as_status()
+    assert status["outcome"] == "partial" and status["engine"]["load_failures"]
+
+    grown = CacheReport(dirs)
+    grown.record("start", snapshot(dirs))
+    (dirs.root / "vllm" / "graph2").write_bytes(b"g")
+    grown.record("warm", snapshot(dirs))
+    assert (grown.outcome, grown.hit, grown.new_files) == ("partial", False, 1)
+
+
+def test_second_start_over_the_sim_hits_its_compile_cache(tmp_path: Path) -> None:
+    """Three real starts of warmgate over the simulator, which compiles at start and keeps
+    the artifact where vLLM does: cold fills the cache, warm loads it, corrupt recompiles.
+    The same command line each time (the cache key includes it), as in a Deployment."""
+    from wgutil import free_port
+
+    ports = (free_port(), free_port())
+    first = _start_with_cache(tmp_path, *ports)
+    assert first["outcome"] == "miss" and first["hit"] is False
+    assert first["engine"] == {"loaded": 0, "load_failures": []}
+
+    second = _start_with_cache(tmp_path, *ports)
+    assert second["outcome"] == "hit" and second["hit"] is True and second["new_files"] == 0
+    assert second["engine"] == {"loaded": 1, "load_failures": []}
+    assert second["sizes"]["start"]["files"] >= 1
+
+    for artifact in tmp_path.rglob("torch_aot_compile/*/rank_0_0/model"):
+        artifact.write_bytes(b"truncated")
+    third = _start_with_cache(tmp_path, *ports)
+    assert third["outcome"] == "partial" and third["hit"] is False
+    assert third["engine"] == {"loaded": 0, "load_failures": ["Compile cache file corrupted."]}
+
+
+def _start_with_cache(cache_dir: Path, port: int, sim_port: int) -> dict[str, Any]:
+    """One `warmgate run --cache-dir` over the sim, to Ready: /status's cache section."""
+    from wgutil import Running, http_get
+
+    sim = [sys.executable, "-m", "warmgate", "sim", "--host", "127.0.0.1", "--port",
+           str(sim_port), "--load-seconds", "0", "--compile-seconds", "0.5",
+           "--time-scale", "0", "--max-model-len", "512"]  # fmt: skip
+    args = ["run", "--host", "127.0.0.1", "--port", str(port), "--cache-dir", str(cache_dir),
+            "--features", "greedy", "--concurrency", "1", "--max-repeats", "2", "--", *sim]  # fmt: skip
+    running = Running(args)
+    try:
+        running.wait_event("cache", timeout=60, phase="warm")
+        status, body = http_get(port, "/status")
+        assert status == 200, body
+        running.proc.terminate()
+        assert running.wait(timeout=30) == 0
+    finally:
+        running.stop()
+    assert isinstance(body["cache"], dict)
+    return body["cache"]
+
+
 # --- the GPU name ---------------------------------------------------------------------------
 
 

@@ -38,6 +38,7 @@ import json
 import os
 import re
 import socket
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -218,12 +219,45 @@ def snapshot(dirs: CacheDirs) -> CacheSnapshot:
     return CacheSnapshot(size_bytes=size, file_count=len(paths), paths=frozenset(paths))
 
 
+class EngineCacheLog:
+    """The engine's own word on its compile cache, from a copy of its output (pump threads
+    call feed): vLLM logs each artifact it loads, and the reason when it cannot load one
+    and compiles again (a version mismatch, a corrupt file).
+    """
+
+    LOADED = (b"Directly load AOT compilation from path", b"Directly load the compiled graph")
+    FAILED = b"due to a load failure from "
+    MAX_REASONS = 8
+
+    def __init__(self) -> None:
+        self.loaded = 0
+        self.failures: list[str] = []
+        self._tails: dict[int, bytes] = {}
+        self._lock = threading.Lock()
+
+    def feed(self, stream: int, data: bytes) -> None:
+        with self._lock:
+            lines = (self._tails.get(stream, b"") + data).split(b"\n")
+            self._tails[stream] = lines.pop()[-4096:]  # an unfinished line waits for its end
+            for line in lines:
+                if any(marker in line for marker in self.LOADED):
+                    self.loaded += 1
+                elif self.FAILED in line and len(self.failures) < self.MAX_REASONS:
+                    _, _, reason = line.partition(b"reason: ")
+                    self.failures.append(reason.decode(errors="replace").strip() or "unknown")
+
+    def as_status(self) -> dict[str, Any]:
+        with self._lock:
+            return {"loaded": self.loaded, "load_failures": list(self.failures)}
+
+
 @dataclass(slots=True)
 class CacheReport:
     """Snapshots at named moments ("start", "healthy", "warm") for /status, /metrics and the log."""
 
     dirs: CacheDirs
     snapshots: dict[str, CacheSnapshot] = field(default_factory=dict)
+    engine: EngineCacheLog = field(default_factory=lambda: EngineCacheLog())
 
     def record(self, when: str, snap: CacheSnapshot) -> None:
         self.snapshots[when] = snap
@@ -238,18 +272,27 @@ class CacheReport:
 
     @property
     def hit(self) -> bool | None:
-        """True when no new file appeared in the compile directories since the first snapshot.
+        """True when no new file appeared in the compile directories since the first
+        snapshot and the engine did not report failing to load what it found.
 
         None before two snapshots, and when the directories stayed empty (the engine
         compiled nothing there, so there was nothing to hit).
         """
+        outcome = self.outcome
+        return None if outcome is None else outcome == "hit"
+
+    @property
+    def outcome(self) -> str | None:
+        """hit: a filled cache, nothing new and no load failure; partial: a filled cache
+        the engine compiled something again beside (new files, or a load failure in its
+        log); miss: an empty cache it filled. None while unknown."""
         new = self.new_files
         if new is None:
             return None
         first, *_, last = self.snapshots.values()
-        if first.file_count == 0 and last.file_count == 0:
-            return None
-        return new == 0
+        if first.file_count == 0:
+            return "miss" if last.file_count else None
+        return "partial" if new or self.engine.failures else "hit"
 
     def sizes(self) -> dict[str, int]:
         """Bytes by moment, in the shape `telemetry.Counters.cache_bytes` takes."""
@@ -262,7 +305,9 @@ class CacheReport:
             "key": self.dirs.key,
             "slot": self.dirs.slot,
             "hit": self.hit,
+            "outcome": self.outcome,
             "new_files": self.new_files,
+            "engine": self.engine.as_status(),
             "sizes": {
                 when: {"bytes": snap.size_bytes, "files": snap.file_count}
                 for when, snap in self.snapshots.items()

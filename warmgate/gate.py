@@ -145,6 +145,8 @@ class Gate:
         self.jit.feed(stream, data)
         if self.requests is not None:
             self.requests.feed(stream, data)
+        if self.cache is not None:
+            self.cache.engine.feed(stream, data)
 
     # --- running ----------------------------------------------------------------------
 
@@ -283,9 +285,12 @@ class Gate:
         snap = await asyncio.to_thread(snapshot, self.cache.dirs)
         self.cache.record(when, snap)
         self.counters.cache_bytes = self.cache.sizes()
+        engine = self.cache.engine.as_status()
         self._log.info(
-            "cache", phase=when, bytes=snap.size_bytes, files=snap.file_count, hit=self.cache.hit
-        )
+            "cache", phase=when, bytes=snap.size_bytes, files=snap.file_count,
+            hit=self.cache.hit, outcome=self.cache.outcome, new_files=self.cache.new_files,
+            engine_loaded=engine["loaded"], engine_load_failures=engine["load_failures"],
+        )  # fmt: skip
 
     def _summarise(self, seconds: float) -> None:
         counts: dict[str, int] = {}

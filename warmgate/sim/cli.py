@@ -33,6 +33,14 @@ def sim_command(
     load_seconds: Annotated[
         float, _opt("LOAD_SECONDS", "Seconds of model loading before the port opens.")
     ] = 2.0,
+    compile_seconds: Annotated[
+        float,
+        _opt(
+            "COMPILE_SECONDS",
+            "Seconds of engine compilation after loading, saved to and loaded from "
+            "$VLLM_CACHE_ROOT/torch_compile_cache as vLLM does (0: none).",
+        ),
+    ] = 0.0,
     listen_early: Annotated[
         bool, _opt("LISTEN_EARLY", "Listen during loading, answering 503 to everything.")
     ] = False,
@@ -104,6 +112,7 @@ def sim_command(
             model=model,
             max_model_len=max_model_len,
             load_seconds=load_seconds,
+            compile_seconds=compile_seconds,
             listen_early=listen_early,
             time_scale=time_scale,
             costs=load_costs(costs, profile),

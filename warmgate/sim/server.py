@@ -20,7 +20,7 @@ from typing import Any
 
 from warmgate import log as wglog
 from warmgate.httpserver import Request, Response, Server, start_server
-from warmgate.sim import api, requestlog, responses
+from warmgate.sim import api, compilecache, requestlog, responses
 from warmgate.sim.engine import Engine, EngineRequest, SeqState, Update
 from warmgate.sim.generate import plan_sequence
 from warmgate.sim.metrics import CONTENT_TYPE, SimMetrics
@@ -182,12 +182,36 @@ class Simulator:
         return await self._shutdown()
 
     async def _load(self) -> bool:
-        """Sleep through model loading; False when a signal ends it first."""
+        """Sleep through model loading and compilation; False when a signal ends it first."""
         if self._s.crash_during_load:
             if await self._wait_signal(self._s.load_seconds / 2):
                 return False
             self._crash("--crash-during-load")
-        return not await self._wait_signal(self._s.load_seconds)
+        if await self._wait_signal(self._s.load_seconds):
+            return False
+        return await self._compile()
+
+    async def _compile(self) -> bool:
+        """--compile-seconds of compilation, or the artifact from the compile cache."""
+        if self._s.compile_seconds <= 0:
+            return True
+        path = compilecache.artifact_path(self._s.model, self._s.max_model_len)
+        why = compilecache.load(path)
+        if why is None:
+            self._vllm_log(compilecache.log_line(f"Directly load AOT compilation from path {path}"))
+            return True
+        if why:
+            self._vllm_log(compilecache.log_line(
+                f"Compiling model again due to a load failure from {path}, reason: {why}"
+            ))  # fmt: skip
+        if await self._wait_signal(self._s.compile_seconds):
+            return False
+        try:
+            compilecache.save(path)
+            self._vllm_log(compilecache.log_line(f"saved AOT compiled function to {path}"))
+        except OSError as exc:  # a read-only or full cache: vLLM compiles again next time
+            self._log.warning("compile_cache_unwritable", path=str(path), error=str(exc))
+        return True
 
     async def _wait_signal(self, seconds: float) -> bool:
         with contextlib.suppress(TimeoutError):

@@ -25,6 +25,7 @@ class SimSettings:
     model: str = "warmgate/sim"
     max_model_len: int = 4096
     load_seconds: float = 2.0
+    compile_seconds: float = 0.0  # paid at start unless the compile cache has the artifact
     listen_early: bool = False
     time_scale: float = 1.0
     costs: CostTable = PROFILES["cpu"]
@@ -45,6 +46,7 @@ class SimSettings:
         _check(0 <= self.port < 65536, f"--port {self.port} is not a TCP port (0-65535)")
         _check(self.max_model_len >= 2, "--max-model-len must be at least 2")
         _check(self.load_seconds >= 0, "--load-seconds must be >= 0")
+        _check(self.compile_seconds >= 0, "--compile-seconds must be >= 0")
         _check(self.time_scale >= 0, "--time-scale must be >= 0 (0: do not sleep at all)")
         _check(self.max_num_seqs >= 1, "--max-num-seqs must be at least 1")
         _check(
