@@ -71,6 +71,18 @@ def test_key_changes_with_what_invalidates_the_cache() -> None:
     assert len(keys) == 7
 
 
+def test_key_ignores_where_the_server_listens_its_api_key_and_logging() -> None:
+    base = key_for("img:v1", COMMAND, GPU)
+    same = [
+        (*COMMAND, "--port", "8001", "--host", "0.0.0.0"),
+        (*COMMAND, "--port=9000", "--api-key", "s3cret", "--enable-log-requests"),
+        ("--host", "::", *COMMAND, "--uvicorn-log-level", "debug", "--disable-log-stats"),
+    ]
+    assert {key_for("img:v1", c, GPU) for c in same} == {base}
+    # A value that only looks like a skipped option's is still part of the key.
+    assert key_for("img:v1", (*COMMAND, "--served-model-name", "--port"), GPU) != base
+
+
 # --- directories and the child's environment ---------------------------------------------
 
 

@@ -101,11 +101,41 @@ class CacheDirs:
 def key_for(cache_key: str | None, command: Sequence[str], gpu: str | None) -> str:
     """`<cache-key or nokey>-<gpu or cpu>-<12 hex of sha256>`: stable, readable, safe as a name.
 
-    The hash covers the raw `--cache-key`, every argument of the command and the GPU
-    name, so any change to one of them gives a new key.
+    The hash covers the raw `--cache-key`, the GPU name and every argument of the command
+    but those that cannot change what the engine compiles (where it listens, its API key,
+    its logging), so any change to the rest gives a new key.
     """
-    digest = hashlib.sha256(json.dumps([cache_key, list(command), gpu]).encode()).hexdigest()
+    args = _compile_relevant(command)
+    digest = hashlib.sha256(json.dumps([cache_key, args, gpu]).encode()).hexdigest()
     return f"{_readable(cache_key, 'nokey')}-{_readable(gpu, 'cpu')}-{digest[:12]}"
+
+
+# Options of vLLM (and the simulator) that leave compiled artifacts alone: (takes a value?)
+_NOT_IN_KEY = {
+    "--host": True,
+    "--port": True,
+    "--api-key": True,
+    "--uvicorn-log-level": True,
+    "--enable-log-requests": False,
+    "--enable-log-outputs": False,
+    "--disable-log-requests": False,
+    "--disable-log-stats": False,
+}
+
+
+def _compile_relevant(command: Sequence[str]) -> list[str]:
+    kept: list[str] = []
+    skip_value = False
+    for arg in command:
+        if skip_value:
+            skip_value = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in _NOT_IN_KEY:
+            skip_value = _NOT_IN_KEY[name] and "=" not in arg
+            continue
+        kept.append(arg)
+    return kept
 
 
 def prepare(
