@@ -1,11 +1,14 @@
 """Compile-cache benchmark: time to Ready of a first and a second start with --cache-dir.
 
-    .venv/bin/python scripts/bench_cache.py [--command "$(bash scripts/real_vllm.sh | tail -1)"]
+    .venv/bin/python scripts/bench_cache.py            # the real vLLM CPU build (scripts/real_vllm.sh)
+    .venv/bin/python scripts/bench_cache.py --sim      # warmgate sim, 20 s of compilation at start
+    .venv/bin/python scripts/bench_cache.py --command "CMD"   # any server (host/port appended)
 
-Both starts run `warmgate run --cache-dir DIR -- <server>` with the same fresh DIR and no
-other compile cache: the first fills it, the second should find it (`/status` cache.hit).
-Without --command it runs over the real vLLM CPU build from scripts/real_vllm.sh.
-Prints a markdown table: spawn->healthy, spawn->Ready, cache size and hit, per start.
+Both starts run `warmgate run --cache-dir DIR -- <server>` with the same fresh DIR, the
+same command line (the cache key includes it) and no other compile cache: the first fills
+it, the second should find it. Prints a markdown table per start: spawn->healthy,
+spawn->Ready, cache size, and /status's verdict (hit, outcome, what the engine's own log
+said it loaded or failed to load).
 """
 
 from __future__ import annotations
@@ -47,8 +50,10 @@ def get(port: int, path: str) -> tuple[int, Any]:
         return 0, None
 
 
-def one_start(command: list[str], cache: Path, env: dict[str, str], log: Path) -> dict[str, Any]:
-    probe, upstream = free_port(), free_port()
+def one_start(
+    command: list[str], cache: Path, env: dict[str, str], log: Path, upstream: int
+) -> dict[str, Any]:
+    probe = free_port()
     argv = [sys.executable, "-m", "warmgate", "run", "--host", "127.0.0.1", "--port", str(probe),
             "--log-format", "json", "--cache-dir", str(cache), *WARMUP, "--",
             *command, "--host", "127.0.0.1", "--port", str(upstream)]  # fmt: skip
@@ -79,11 +84,16 @@ def main() -> None:
     )
     parser.add_argument("--command", help="server command line (host/port appended)")
     parser.add_argument(
+        "--sim", action="store_true", help="warmgate sim with --compile-seconds 20 instead"
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path(tempfile.mkdtemp(prefix="warmgate-cache-bench-"))
     )
     args = parser.parse_args()
+    sim = f"{sys.executable} -m warmgate sim --max-model-len 2048 --compile-seconds 20"
     command_line = (
         args.command
+        or (sim if args.sim else None)
         or subprocess.run(
             ["bash", str(ROOT / "scripts" / "real_vllm.sh")],
             capture_output=True,
@@ -103,15 +113,25 @@ def main() -> None:
     ):
         env.pop(name, None)  # --cache-dir must be the only cache either start can use
     with tempfile.TemporaryDirectory(prefix="warmgate-cache-") as cache:
-        rows = [one_start(command, Path(cache), env, args.out / f"start{i}.log") for i in (1, 2)]
-    print("| start | spawn→healthy s | spawn→Ready s | cache after warm-up | hit |")
-    print("|---|---:|---:|---:|---|")
+        port = free_port()  # one command line for both starts, as in a Deployment
+        rows = [
+            one_start(command, Path(cache), env, args.out / f"start{i}.log", port) for i in (1, 2)
+        ]
+    print(
+        "| start | spawn→healthy s | spawn→Ready s | cache after warm-up | new files | hit "
+        "| outcome | engine loaded | engine load failures |"
+    )
+    print("|---|---:|---:|---:|---:|---|---|---:|---|")
     for i, row in enumerate(rows, 1):
-        sizes = row["cache"]["sizes"]
-        last = sizes.get("warm") or sizes.get("healthy") or {}
+        c = row["cache"]
+        last = c["sizes"].get("warm") or c["sizes"].get("healthy") or {}
+        engine = c.get("engine") or {}
+        failures = "; ".join(engine.get("load_failures") or []) or "-"
         print(
-            f"| {i} | {row['healthy_s']:.1f} | {row['ready_s']:.1f} | {last.get('bytes', 0) / 1e6:.1f} MB, "
-            f"{last.get('files', 0)} files | {row['cache']['hit']} |"
+            f"| {i} | {row['healthy_s']:.1f} | {row['ready_s']:.1f} | "
+            f"{last.get('bytes', 0) / 1e6:.1f} MB, {last.get('files', 0)} files | "
+            f"{c['new_files']} | {c['hit']} | {c['outcome']} | {engine.get('loaded')} | "
+            f"{failures} |"
         )
     first, second = rows
     print(
