@@ -90,6 +90,7 @@ def main() -> None:
         "--out", type=Path, default=Path(tempfile.mkdtemp(prefix="warmgate-cache-bench-"))
     )
     args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
     sim = f"{sys.executable} -m warmgate sim --max-model-len 2048 --compile-seconds 20"
     command_line = (
         args.command
