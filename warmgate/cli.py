@@ -21,6 +21,7 @@ app = typer.Typer(
     add_completion=False,
     help="In-container warm-up supervisor for vLLM and OpenAI-compatible servers.",
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: wraps long env var names instead of cutting them
 )
 
 _RUN_HELP = """Run CMD as a supervised child: forward signals, reap zombies, exit with its status.
