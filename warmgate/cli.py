@@ -336,25 +336,54 @@ def bench(
             help="Server command line to benchmark (host/port appended); default: warmgate sim.",
         ),
     ] = None,
-    sim_args: Annotated[str, typer.Option(help="Arguments for the simulator.")] = (
-        "--max-model-len 2048 --time-scale 0.25 --load-seconds 2"
-    ),
+    sim_args: Annotated[
+        str, typer.Option(envvar=_env("BENCH_SIM_ARGS"), help="Arguments for the simulator.")
+    ] = "--max-model-len 2048 --time-scale 0.05 --load-seconds 2",
     strategies: Annotated[
-        str, typer.Option(help="Comma list of health, warmup.sh, warmgate, plan.")
-    ] = ("health,warmup.sh,warmgate"),
-    plan: PlanFile = None,
-    warm_runs: Annotated[int, typer.Option(help="Warm runs per held-out request (median).")] = 5,
+        str,
+        typer.Option(
+            envvar=_env("BENCH_STRATEGIES"),
+            help="Comma list of none, health, warmup.sh, warmgate, plan (plan needs --plan).",
+        ),
+    ] = "none,health,warmup.sh,warmgate",
+    plan: Annotated[
+        Path | None,
+        typer.Option(envvar=_env("BENCH_PLAN"), help="The user plan of the plan strategy."),
+    ] = None,
+    warm_runs: Annotated[
+        int,
+        typer.Option(
+            envvar=_env("BENCH_WARM_RUNS"), help="Warm runs per held-out request (median)."
+        ),
+    ] = 5,
     warmgate_args: Annotated[
-        str, typer.Option(help="Extra `warmgate run` options for its strategies.")
+        str,
+        typer.Option(
+            envvar=_env("BENCH_WARMGATE_ARGS"),
+            help="Extra `warmgate run` options for its strategies.",
+        ),
     ] = "",
+    pin_output: Annotated[
+        bool,
+        typer.Option(
+            envvar=_env("BENCH_PIN_OUTPUT"),
+            help="Send min_tokens = max_tokens, so first and warm runs generate as many tokens.",
+        ),
+    ] = True,
     out: Annotated[
-        Path | None, typer.Option(help="Directory for report.md, report.json and server logs.")
+        Path | None,
+        typer.Option(
+            envvar=_env("BENCH_OUT"),
+            help="Directory for report.md, report.json, timeline.png and the servers' logs.",
+        ),
     ] = None,
 ) -> int:
     """Compare readiness strategies side by side: time to Ready and first/warm ratios of the held-out mix."""
     from warmgate.bench.main import bench_main
 
-    return bench_main(command, sim_args, strategies, plan, warm_runs, warmgate_args, out)
+    return bench_main(
+        command, sim_args, strategies, plan, warm_runs, warmgate_args, out, pin_output
+    )
 
 
 def _register_sim() -> None:

@@ -36,6 +36,8 @@ def bench_main(
         raise WarmgateError(f"--strategies {strategies!r}: choose from {', '.join(STRATEGIES)}")
     if "plan" in chosen and plan is None:
         raise WarmgateError("the plan strategy needs --plan FILE")
+    if plan is not None and not plan.is_file():
+        raise WarmgateError(f"--plan {plan}: no such file")
     upstream = command_upstream(command) if command else sim_upstream(shlex.split(sim_args))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
