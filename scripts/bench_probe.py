@@ -4,9 +4,11 @@
 
 Prints four figures:
 1. idle throughput of warmgate's probe server vs a minimal uvloop + h11 server (the same
-   client, keep-alive and `Connection: close`), as a ratio (goal: >= 0.8);
+   client, keep-alive and `Connection: close`, each server measured twice in A B B A order
+   so that load drifting on a shared machine weighs on both alike), as a ratio (goal: >= 0.8);
 2. p99 latency of /ready at 200 req/s with `Connection: close` while a warm-up runs
-   (goal: <= 5 ms);
+   (goal: <= 5 ms), then the same load on the minimal server, in a process of its own,
+   during the same warm-up: the floor this machine allows;
 3. time from the last warm-up response to /ready turning 200 (goal: <= 20 ms);
 4. time from the upstream turning healthy to warmgate noticing (goal: <= interval + 50 ms).
 """
@@ -208,9 +210,10 @@ def main() -> None:
         wait_listening(probe_port)
         rows = []
         for close in (False, True):
-            reference = uvloop.run(throughput(ref_port, args.seconds, close))
-            ours = uvloop.run(throughput(probe_port, args.seconds, close))
-            rows.append((close, reference, ours))
+            runs: dict[int, list[float]] = {ref_port: [], probe_port: []}
+            for port in (ref_port, probe_port, probe_port, ref_port):
+                runs[port].append(uvloop.run(throughput(port, args.seconds / 2, close)))
+            rows.append((close, statistics.mean(runs[ref_port]), statistics.mean(runs[probe_port])))
     finally:
         ref.kill()
         ref.wait()
@@ -222,6 +225,8 @@ def main() -> None:
         print(f"| {mode} | {reference:,.0f} | {ours:,.0f} | {ours / reference:.2f} |")
 
     # 2-4. a real warm-up over the simulator
+    ref_port = free_port()
+    ref = subprocess.Popen([sys.executable, __file__, "--serve-minimal", str(ref_port)])
     probe_port, sim_port = free_port(), free_port()
     gate = start_warmgate(
         probe_port,
@@ -233,8 +238,10 @@ def main() -> None:
     try:
         wait_listening(probe_port)
         wait_listening(sim_port, timeout=60)
+        wait_listening(ref_port)
         time.sleep(1.0)  # the warm-up is under way
         latencies = uvloop.run(paced_latencies(probe_port, 200, args.seconds))
+        floor = uvloop.run(paced_latencies(ref_port, 200, args.seconds))
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline:
             reply = subprocess.run(
@@ -245,6 +252,8 @@ def main() -> None:
                 break
             time.sleep(0.5)
     finally:
+        ref.kill()
+        ref.wait()
         err = stop(gate)
     events = log_events(err)
     q = statistics.quantiles(latencies, n=100)
@@ -252,6 +261,11 @@ def main() -> None:
     print(
         f"/ready at 200 req/s, Connection: close, during warm-up: n={len(latencies)} "
         f"p50={q[49]:.2f} ms p99={q[98]:.2f} ms max={max(latencies):.2f} ms (goal p99 <= 5 ms)"
+    )
+    q = statistics.quantiles(floor, n=100)
+    print(
+        f"  the same load on the minimal server, its own process, same warm-up: "
+        f"p50={q[49]:.2f} ms p99={q[98]:.2f} ms max={max(floor):.2f} ms"
     )
     shapes = [e for e in events if e.get("event") == "shape"]
     ready = next(e for e in events if e.get("event") == "phase" and e.get("phase") == "ready")
@@ -263,6 +277,10 @@ def main() -> None:
     print(
         f"upstream healthy -> noticed: {(at(warming) - at(listening)) * 1000:.1f} ms "
         "(goal <= --health-interval 250 ms + 50 ms)"
+    )
+    print(
+        f"warm-up, warming -> ready: {at(ready) - at(warming):.1f} s "
+        f"(about {2 * args.seconds:g} s of it under the probe loads above)"
     )
 
 

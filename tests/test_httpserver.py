@@ -1,4 +1,8 @@
-"""warmgate.httpserver over real sockets on 127.0.0.1 (port 0), driven by raw bytes."""
+"""warmgate.httpserver over real sockets on 127.0.0.1 (port 0), driven by raw bytes.
+
+Behaviour both flavours share runs against each: `start_server` (async handler, streams),
+`start_sync_server` (plain function, protocol) on asyncio's loop and on uvloop's, which the
+probe server uses."""
 
 from __future__ import annotations
 
@@ -10,27 +14,68 @@ from typing import Any
 
 import h11
 import pytest
+import uvloop
 
-from warmgate.httpserver import Request, Response, Server, start_server
+from warmgate.httpserver import (
+    Request,
+    Response,
+    Server,
+    SyncHandler,
+    start_server,
+    start_sync_server,
+)
 
 CLOSING_GET = b"GET / HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n"
 WAIT_S = 3.0  # bound on every wait; a healthy run needs milliseconds
 
 
-def run(coro: Coroutine[Any, Any, None]) -> None:
-    asyncio.run(asyncio.wait_for(coro, 15))
+FLAVOURS = ("streams", "sync", "sync-uvloop")
 
 
-async def echo(request: Request) -> Response:
+def run(coro: Coroutine[Any, Any, None], flavour: str = "streams") -> None:
+    runner = uvloop.run if flavour.endswith("uvloop") else asyncio.run
+    runner(asyncio.wait_for(coro, 15))
+
+
+@pytest.fixture(params=FLAVOURS)
+def flavour(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def echo(request: Request) -> Response:
     body = f"{request.method} {request.path} ?{request.query} {request.body.decode()}"
     return Response.text(body, headers=[("x-seen-host", request.headers.get("host", ""))])
 
 
+async def async_echo(request: Request) -> Response:
+    return echo(request)
+
+
+async def start(flavour: str, answer: SyncHandler = echo, **limits: Any) -> Server:
+    """`answer` served by the flavour under test (as an async handler for `start_server`)."""
+    if flavour.startswith("sync"):
+        return await start_sync_server(answer, "127.0.0.1", 0, **limits)
+
+    async def handler(request: Request) -> Response:
+        return answer(request)
+
+    return await start_server(handler, "127.0.0.1", 0, **limits)
+
+
 @contextlib.asynccontextmanager
-async def serving(
-    handler: Callable[[Request], Awaitable[Response]] = echo, **limits: Any
-) -> AsyncIterator[Server]:
-    server = await start_server(handler, "127.0.0.1", 0, **limits)
+async def serving(flavour: str, answer: SyncHandler = echo, **limits: Any) -> AsyncIterator[Server]:
+    server = await start(flavour, answer, **limits)
+    try:
+        yield server
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def serving_async(handler: Callable[[Request], Awaitable[Response]]) -> AsyncIterator[Server]:
+    """Only `start_server` takes a handler that awaits (streamed bodies, slow handlers)."""
+    server = await start_server(handler, "127.0.0.1", 0)
     try:
         yield server
     finally:
@@ -95,18 +140,18 @@ async def raw_exchange(server: Server, data: bytes) -> bytes:
     return received
 
 
-def test_port_zero_binds_a_real_port() -> None:
+def test_port_zero_binds_a_real_port(flavour: str) -> None:
     async def scenario() -> None:
-        async with serving() as server:
+        async with serving(flavour) as server:
             assert server.port > 0
             assert server.host == "127.0.0.1"
 
-    run(scenario())
+    run(scenario(), flavour)
 
 
-def test_keep_alive_serves_several_requests_on_one_connection() -> None:
+def test_keep_alive_serves_several_requests_on_one_connection(flavour: str) -> None:
     async def scenario() -> None:
-        async with serving() as server:
+        async with serving(flavour) as server:
             client = await Client.open(server)
             for i in range(3):
                 client.send("POST", f"/p{i}?q={i}", b"hi")
@@ -118,12 +163,12 @@ def test_keep_alive_serves_several_requests_on_one_connection() -> None:
             assert server.connection_count == 1
             client.close()
 
-    run(scenario())
+    run(scenario(), flavour)
 
 
-def test_connection_close_is_honoured() -> None:
+def test_connection_close_is_honoured(flavour: str) -> None:
     async def scenario() -> None:
-        async with serving() as server:
+        async with serving(flavour) as server:
             client = await Client.open(server)
             client.send("GET", "/x", connection="close")
             head, _ = await client.response()
@@ -131,22 +176,22 @@ def test_connection_close_is_honoured() -> None:
             assert (b"connection", b"close") in head.headers
             assert await client.closed_by_server()
 
-    run(scenario())
+    run(scenario(), flavour)
 
 
-def test_http10_without_keep_alive_is_closed() -> None:
+def test_http10_without_keep_alive_is_closed(flavour: str) -> None:
     async def scenario() -> None:
-        async with serving() as server:
+        async with serving(flavour) as server:
             received = await raw_exchange(server, b"GET /old HTTP/1.0\r\n\r\n")
             assert received.startswith(b"HTTP/1.1 200")
             assert received.endswith(b"GET /old ? ")
 
-    run(scenario())
+    run(scenario(), flavour)
 
 
-def test_head_sends_headers_only() -> None:
+def test_head_sends_headers_only(flavour: str) -> None:
     async def scenario() -> None:
-        async with serving() as server:
+        async with serving(flavour) as server:
             client = await Client.open(server)
             client.send("HEAD", "/x")
             head, body = await client.response()
@@ -157,7 +202,7 @@ def test_head_sends_headers_only() -> None:
             client.send("GET", "/y")  # the connection is still usable afterwards
             assert (await client.response())[1] == b"GET /y ? "
 
-    run(scenario())
+    run(scenario(), flavour)
 
 
 def test_streamed_body_arrives_chunk_by_chunk() -> None:
@@ -173,7 +218,7 @@ def test_streamed_body_arrives_chunk_by_chunk() -> None:
         return Response(200, chunks(), content_type="text/event-stream")
 
     async def scenario() -> None:
-        async with serving(handler) as server:
+        async with serving_async(handler) as server:
             client = await Client.open(server)
             client.send("GET", "/sse")
             head = await client.event()
@@ -195,54 +240,54 @@ def test_streamed_body_arrives_chunk_by_chunk() -> None:
         b"GET / HTTP/1.1\r\nbad header\r\n\r\n",
     ],
 )
-def test_garbage_gets_400_and_close(garbage: bytes) -> None:
+def test_garbage_gets_400_and_close(garbage: bytes, flavour: str) -> None:
     async def scenario() -> None:
-        async with serving() as server:
+        async with serving(flavour) as server:
             received = await raw_exchange(server, garbage)
             assert received.startswith(b"HTTP/1.1 400 ")
             # ...and the server keeps serving others.
             ok = await raw_exchange(server, CLOSING_GET)
             assert ok.startswith(b"HTTP/1.1 200 ")
 
-    run(scenario())
+    run(scenario(), flavour)
 
 
-def test_oversized_headers_get_431_and_close() -> None:
+def test_oversized_headers_get_431_and_close(flavour: str) -> None:
     async def scenario() -> None:
-        async with serving(max_header_bytes=1024) as server:
+        async with serving(flavour, max_header_bytes=1024) as server:
             big = b"GET / HTTP/1.1\r\nhost: t\r\nx-big: " + b"a" * 4096 + b"\r\n\r\n"
             received = await raw_exchange(server, big)
             assert received.startswith(b"HTTP/1.1 431 ")
 
-    run(scenario())
+    run(scenario(), flavour)
 
 
-def test_oversized_body_gets_413() -> None:
+def test_oversized_body_gets_413(flavour: str) -> None:
     async def scenario() -> None:
-        async with serving(max_body_bytes=10) as server:
+        async with serving(flavour, max_body_bytes=10) as server:
             client = await Client.open(server)
             client.send("POST", "/", b"x" * 11)
             head, _ = await client.response()
             assert head.status_code == 413
             assert await client.closed_by_server()
 
-    run(scenario())
+    run(scenario(), flavour)
 
 
-def test_slow_sender_times_out_with_408_and_idle_connection_is_closed() -> None:
+def test_slow_sender_times_out_with_408_and_idle_connection_is_closed(flavour: str) -> None:
     async def scenario() -> None:
-        async with serving(header_timeout=0.2) as server:
+        async with serving(flavour, header_timeout=0.2) as server:
             received = await raw_exchange(server, b"GET /slow HTTP/1.1\r\nhost: t\r\n")
             assert received.startswith(b"HTTP/1.1 408 ")
             # A connection that never sends anything is closed without a word.
             assert await raw_exchange(server, b"") == b""
 
-    run(scenario())
+    run(scenario(), flavour)
 
 
-def test_connections_over_the_cap_are_closed_at_once() -> None:
+def test_connections_over_the_cap_are_closed_at_once(flavour: str) -> None:
     async def scenario() -> None:
-        async with serving(max_connections=2) as server:
+        async with serving(flavour, max_connections=2) as server:
             clients = [await Client.open(server) for _ in range(2)]
             for client in clients:  # a round trip proves each one is accepted
                 client.send("GET", "/")
@@ -255,17 +300,17 @@ def test_connections_over_the_cap_are_closed_at_once() -> None:
             again.send("GET", "/again")
             assert (await again.response())[1] == b"GET /again ? "
 
-    run(scenario())
+    run(scenario(), flavour)
 
 
-def test_handler_error_gives_500_and_the_server_keeps_serving() -> None:
-    async def handler(request: Request) -> Response:
+def test_handler_error_gives_500_and_the_server_keeps_serving(flavour: str) -> None:
+    def handler(request: Request) -> Response:
         if request.path == "/boom":
             raise RuntimeError("boom")
         return Response.json({"ok": True})
 
     async def scenario() -> None:
-        async with serving(handler) as server:
+        async with serving(flavour, handler) as server:
             client = await Client.open(server)
             client.send("GET", "/boom")
             assert (await client.response())[0].status_code == 500
@@ -275,7 +320,7 @@ def test_handler_error_gives_500_and_the_server_keeps_serving() -> None:
             assert (head.status_code, body) == (200, b'{"ok":true}')
             assert (b"content-type", b"application/json") in head.headers
 
-    run(scenario())
+    run(scenario(), flavour)
 
 
 def test_client_disconnect_cancels_the_stream() -> None:
@@ -294,7 +339,7 @@ def test_client_disconnect_cancels_the_stream() -> None:
         return Response(200, forever())
 
     async def scenario() -> None:
-        async with serving(handler) as server:
+        async with serving_async(handler) as server:
             client = await Client.open(server)
             client.send("GET", "/stream")
             await client.event()
@@ -319,7 +364,7 @@ def test_client_disconnect_cancels_a_slow_handler() -> None:
         return Response(200)
 
     async def scenario() -> None:
-        async with serving(handler) as server:
+        async with serving_async(handler) as server:
             client = await Client.open(server)
             client.send("GET", "/slow")
             await asyncio.sleep(0.05)
@@ -330,21 +375,65 @@ def test_client_disconnect_cancels_a_slow_handler() -> None:
     run(scenario())
 
 
-def test_pipelined_requests_are_answered_in_order() -> None:
+def test_expect_100_continue_gets_100_then_the_answer(flavour: str) -> None:
     async def scenario() -> None:
-        async with serving() as server:
+        async with serving(flavour) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(
+                b"POST /up HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\n"
+                b"expect: 100-continue\r\nconnection: close\r\n\r\n"
+            )
+            interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT_S)
+            assert interim.startswith(b"HTTP/1.1 100 ")
+            writer.write(b"hi")
+            rest = await asyncio.wait_for(reader.read(), WAIT_S)
+            assert rest.startswith(b"HTTP/1.1 200 ") and rest.endswith(b"POST /up ? hi")
+            writer.close()
+
+    run(scenario(), flavour)
+
+
+def test_sync_server_times_a_slow_body_out_too() -> None:
+    async def scenario() -> None:
+        async with serving("sync", header_timeout=0.2) as server:
+            head = b"POST /slow HTTP/1.1\r\nhost: t\r\ncontent-length: 10\r\n\r\nabc"
+            received = await raw_exchange(server, head)
+            assert received.startswith(b"HTTP/1.1 408 ")
+            await asyncio.wait_for(server.wait_connections_closed(), WAIT_S)
+
+    run(scenario(), "sync")
+
+
+def test_sync_handler_with_a_streamed_body_gets_500() -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"never"
+
+    def handler(request: Request) -> Response:
+        return Response(200, chunks())
+
+    async def scenario() -> None:
+        async with serving("sync", handler) as server:
+            received = await raw_exchange(server, CLOSING_GET)
+            assert received.startswith(b"HTTP/1.1 500 ")
+
+    run(scenario(), "sync")
+
+
+def test_pipelined_requests_are_answered_in_order(flavour: str) -> None:
+    async def scenario() -> None:
+        async with serving(flavour) as server:
             req = b"GET /%d HTTP/1.1\r\nhost: t\r\n\r\n"
             last = b"GET /3 HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n"
             received = await raw_exchange(server, req % 1 + req % 2 + last)
             assert received.count(b"HTTP/1.1 200") == 3
             assert received.index(b"GET /1") < received.index(b"GET /2") < received.index(b"GET /3")
 
-    run(scenario())
+    run(scenario(), flavour)
 
 
-def test_close_stops_accepting_and_ends_idle_keep_alive() -> None:
+def test_close_stops_accepting_and_ends_idle_keep_alive(flavour: str) -> None:
     async def scenario() -> None:
-        server = await start_server(echo, "127.0.0.1", 0)
+        server = await start(flavour)
         port = server.port
         client = await Client.open(server)
         client.send("GET", "/")
@@ -355,15 +444,18 @@ def test_close_stops_accepting_and_ends_idle_keep_alive() -> None:
         with pytest.raises(OSError):
             await asyncio.open_connection("127.0.0.1", port)
 
-    run(scenario())
+    run(scenario(), flavour)
 
 
-def test_serves_on_a_socket_the_caller_bound() -> None:
+def test_serves_on_a_socket_the_caller_bound(flavour: str) -> None:
     async def scenario() -> None:
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-        server = await start_server(echo, sock=sock)
+        if flavour.startswith("sync"):
+            server = await start_sync_server(echo, sock=sock)
+        else:
+            server = await start_server(async_echo, sock=sock)
         try:
             assert server.port == port
             client = await Client.open(server)
@@ -373,6 +465,8 @@ def test_serves_on_a_socket_the_caller_bound() -> None:
             server.close()
             await server.wait_closed()
 
-    run(scenario())
+    run(scenario(), flavour)
     with pytest.raises(ValueError, match="port"):
-        run(start_server(echo, "127.0.0.1"))  # type: ignore[arg-type]
+        run(start_server(async_echo, "127.0.0.1"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="port"):
+        run(start_sync_server(echo, "127.0.0.1"))  # type: ignore[arg-type]

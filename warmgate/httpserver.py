@@ -1,8 +1,14 @@
-"""A small HTTP/1.1 server: h11 parses, asyncio streams carry bytes.
+"""A small HTTP/1.1 server: h11 parses, asyncio carries bytes.
 
 Used by the simulator and by the probe server the kubelet talks to, so it stays small:
-one task per connection, one request at a time on it, limits on everything a client
-controls (connections, header bytes, body bytes, time to send a request head).
+one request at a time per connection, limits on everything a client controls
+(connections, header bytes, body bytes, time to send a request head). Two flavours:
+
+- `start_server`: an async handler, one task per connection on asyncio streams; a body
+  may be streamed (SSE) and a client that leaves cancels its handler. The simulator.
+- `start_sync_server`: a plain function that answers from memory, called inside the
+  protocol's `data_received`: no task, no await between parse and write. The probe
+  server, whose answers must not wait behind a busy process.
 """
 
 from __future__ import annotations
@@ -15,11 +21,19 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Protocol, cast
 
 import h11
 
-__all__ = ["Handler", "Request", "Response", "Server", "start_server"]
+__all__ = [
+    "Handler",
+    "Request",
+    "Response",
+    "Server",
+    "SyncHandler",
+    "start_server",
+    "start_sync_server",
+]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +73,7 @@ class Response:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+SyncHandler = Callable[[Request], Response]  # answers at once; its body must be bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,14 +92,18 @@ class _RequestError(Exception):
         self.status = status
 
 
+class _Closable(Protocol):
+    def close_if_idle(self) -> None: ...
+
+
 class Server:
     """A listening server. `port` is the bound port (useful with port=0)."""
 
-    def __init__(self, handler: Handler, limits: _Limits) -> None:
-        self._handler = handler
+    def __init__(self, handler: Handler | None, limits: _Limits) -> None:
+        self._handler = handler  # None for a sync server: its connections hold the handler
         self._limits = limits
         self._listener: asyncio.Server | None = None
-        self._connections: set[_Connection] = set()
+        self._connections: set[_Closable] = set()
         self._no_connections = asyncio.Event()
         self._no_connections.set()
         self.closing = False
@@ -123,29 +142,44 @@ class Server:
             self._accept, sock=sock, limit=self._limits.max_header_bytes, backlog=1024
         )
 
+    async def _listen_sync(self, sock: socket.socket, handler: SyncHandler) -> None:
+        loop = asyncio.get_running_loop()
+        self._listener = await loop.create_server(
+            lambda: _SyncConnection(self, handler), sock=sock, backlog=1024
+        )
+
+    def _admit(self, conn: _Closable, sock: socket.socket | None) -> bool:
+        """Count a new connection in, or refuse it: closing, or over the cap."""
+        if self.closing or len(self._connections) >= self._limits.max_connections:
+            return False
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._connections.add(conn)
+        self._no_connections.clear()
+        return True
+
+    def _gone(self, conn: _Closable) -> None:
+        self._connections.discard(conn)
+        if not self._connections:
+            self._no_connections.set()
+
     def _sockname(self) -> tuple[Any, ...]:
         if self._listener is None or not self._listener.sockets:
             raise RuntimeError("server is not listening")
         return tuple(self._listener.sockets[0].getsockname())
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.closing or len(self._connections) >= self._limits.max_connections:
+        assert self._handler is not None
+        conn = _Connection(self, self._handler, reader, writer)
+        if not self._admit(conn, writer.get_extra_info("socket")):
             # Over the cap a client learns at once, instead of queueing behind others.
             writer.transport.abort()
             return
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = _Connection(self, reader, writer)
-        self._connections.add(conn)
-        self._no_connections.clear()
         try:
             await conn.serve()
         finally:
-            self._connections.discard(conn)
-            if not self._connections:
-                self._no_connections.set()
+            self._gone(conn)
 
 
 async def start_server(
@@ -171,14 +205,42 @@ async def start_server(
     return server
 
 
+async def start_sync_server(
+    handler: SyncHandler,
+    host: str | None = None,
+    port: int | None = None,
+    *,
+    sock: socket.socket | None = None,
+    max_connections: int = 256,
+    max_header_bytes: int = 16384,
+    max_body_bytes: int = 8 << 20,
+    header_timeout: float = 10.0,
+) -> Server:
+    """As `start_server`, for a handler that answers at once from memory (no I/O, no
+    streamed body): it runs inside the connection's `data_received`. `header_timeout`
+    bounds the time to send a whole request."""
+    if sock is None:
+        if port is None:
+            raise ValueError("start_sync_server needs a port (0 for any free one) or a bound sock")
+        sock = _listening_socket(host or "", port)
+    limits = _Limits(max_connections, max_header_bytes, max_body_bytes, header_timeout)
+    server = Server(None, limits)
+    await server._listen_sync(sock, handler)
+    return server
+
+
 class _Connection:
     """One client connection: read a request, answer it, repeat while keep-alive holds."""
 
     def __init__(
-        self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        server: Server,
+        handler: Handler,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
     ) -> None:
         self._server = server
-        self._handler = server._handler
+        self._handler = handler
         self._limits = server._limits
         self._reader = reader
         self._writer = writer
@@ -228,7 +290,7 @@ class _Connection:
         if not isinstance(event, h11.Request):
             raise _RequestError(400, f"unexpected {type(event).__name__}")
         self._idle = False
-        self._check_head(event)
+        _check_head(event, self._limits)
         if self._h11.they_are_waiting_for_100_continue:
             self._writer.write(self._send(h11.InformationalResponse(status_code=100, headers=[])))
         body = await self._read_body()
@@ -248,17 +310,6 @@ class _Connection:
             if data:
                 self._idle = False
             self._h11.receive_data(data)
-
-    def _check_head(self, event: h11.Request) -> None:
-        # h11 bounds only a head that is still incomplete; one that arrived whole in a
-        # single read is measured here (approximately: name, value and separators).
-        size = len(event.target)
-        for name, value in event.headers:
-            size += len(name) + len(value) + 4
-            if name == b"content-length" and int(value) > self._limits.max_body_bytes:
-                raise _RequestError(413, "request body too large")
-        if size > self._limits.max_header_bytes:
-            raise _RequestError(431, "request header fields too large")
 
     async def _read_body(self) -> bytes:
         chunks: list[bytes] = []
@@ -318,16 +369,7 @@ class _Connection:
         return await self._send_streamed(request.method, response, response.body)
 
     def _start(self, response: Response, content_length: int | None) -> bytes:
-        headers: list[tuple[str, str]] = []
-        if content_length is not None:
-            headers.append(("content-length", str(content_length)))
-        if response.content_type is not None:
-            headers.append(("content-type", response.content_type))
-        headers.extend(response.headers)
-        if self._server.closing:
-            headers.append(("connection", "close"))
-        reason = _REASONS.get(response.status, b"")
-        return self._send(h11.Response(status_code=response.status, headers=headers, reason=reason))
+        return self._send(_response_head(response, content_length, self._server.closing))
 
     async def _send_whole(self, method: str, response: Response, body: bytes) -> None:
         out = self._start(response, len(body))
@@ -363,21 +405,11 @@ class _Connection:
                 await aclose()
 
     async def _send_error(self, status: int, reason: str) -> None:
-        if self._h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return
-        body = f"{reason}\n".encode()
-        headers = [
-            ("content-type", "text/plain; charset=utf-8"),
-            ("content-length", str(len(body))),
-            ("connection", "close"),
-        ]
-        with contextlib.suppress(h11.LocalProtocolError, ConnectionError):
-            out = self._send(
-                h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, b""))
-            )
-            out += self._send(h11.Data(data=body)) + self._send(h11.EndOfMessage())
-            self._writer.write(out)
-            await self._writer.drain()
+        out = _error_bytes(self._h11, status, reason)
+        if out:
+            with contextlib.suppress(ConnectionError):
+                self._writer.write(out)
+                await self._writer.drain()
 
     def _send(self, event: h11.Event) -> bytes:
         return self._h11.send(event) or b""  # None only for ConnectionClosed, never sent here
@@ -387,6 +419,217 @@ class _Connection:
         with contextlib.suppress(OSError, TimeoutError):
             async with asyncio.timeout(_CLOSE_GRACE_S):
                 await self._writer.wait_closed()
+
+
+class _SyncConnection(asyncio.Protocol):
+    """One client connection of a sync server: each request is parsed and answered inside
+    `data_received`. No task, no await, no stream objects: per request the loop only
+    accepts, reads and closes. Run from a thread of its own, each of those is a wait for
+    the GIL while another thread works, so the fewer the better."""
+
+    def __init__(self, server: Server, handler: SyncHandler) -> None:
+        self._server = server
+        self._handler = handler
+        self._limits = server._limits
+        self._h11 = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=self._limits.max_header_bytes
+        )
+        self._transport: asyncio.Transport | None = None  # None: refused or closed
+        self._head: h11.Request | None = None
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._idle = True  # waiting for a request head with no bytes of it received yet
+        self._timer: asyncio.TimerHandle | None = None
+
+    def close_if_idle(self) -> None:
+        if self._idle:
+            self._close()
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        tcp = cast(asyncio.Transport, transport)  # uvloop's is one, not a subclass
+        if not self._server._admit(self, tcp.get_extra_info("socket")):
+            tcp.abort()  # over the cap a client learns at once
+            return
+        self._transport = tcp
+        self._arm_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._transport = None
+        self._server._gone(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._transport is None:
+            return
+        self._idle = False
+        self._h11.receive_data(data)
+        self._process()
+
+    def eof_received(self) -> bool:
+        if self._transport is not None:
+            self._h11.receive_data(b"")
+            self._process()
+        return False  # let the transport close once our answer is flushed
+
+    def pause_writing(self) -> None:
+        # A client that does not read its answers is not read from either: pipelined
+        # requests then cannot grow our write buffer without bound.
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None:
+            self._transport.resume_reading()
+
+    # -- requests --------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        """Handle every complete event received so far (pipelined requests in order)."""
+        try:
+            while self._transport is not None:
+                event = self._h11.next_event()
+                if event is h11.NEED_DATA:
+                    return
+                if isinstance(event, h11.Request):
+                    _check_head(event, self._limits)
+                    self._head = event
+                    if self._h11.they_are_waiting_for_100_continue:
+                        info = h11.InformationalResponse(status_code=100, headers=[])
+                        self._transport.write(self._send(info))
+                elif isinstance(event, h11.Data):
+                    self._body_size += len(event.data)
+                    if self._body_size > self._limits.max_body_bytes:
+                        raise _RequestError(413, "request body too large")
+                    self._body.append(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage):
+                    self._answer()
+                    self._next_cycle()
+                elif isinstance(event, h11.ConnectionClosed):
+                    self._close()
+                else:
+                    raise _RequestError(400, f"unexpected {type(event).__name__}")
+        except h11.RemoteProtocolError as exc:
+            self._fail(exc.error_status_hint, str(exc))
+        except _RequestError as exc:
+            self._fail(exc.status, str(exc))
+        except h11.LocalProtocolError:
+            self._close(abort=True)  # the exchange is beyond repair
+
+    def _answer(self) -> None:
+        assert self._head is not None and self._transport is not None
+        head, body, self._head, self._body, self._body_size = self._head, self._body, None, [], 0
+        target = head.target.decode("latin-1")
+        path, _, query = target.partition("?")
+        method = head.method.decode("ascii")
+        request = Request(method, path, query, _headers(head.headers), b"".join(body))
+        try:
+            response = self._handler(request)
+            if not isinstance(response.body, bytes):
+                raise TypeError("a sync handler's response body must be bytes")
+        except Exception:
+            log.exception("handler failed for %s %s", method, path)
+            response = Response.text("Internal Server Error\n", 500)
+        assert isinstance(response.body, bytes)
+        closing = self._server.closing
+        out = self._send(_response_head(response, len(response.body), closing))
+        if response.body and method != "HEAD":
+            out += self._send(h11.Data(data=response.body))
+        out += self._send(h11.EndOfMessage())
+        self._transport.write(out)
+
+    def _next_cycle(self) -> None:
+        if self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE:
+            self._h11.start_next_cycle()
+            self._idle = True
+            self._arm_timer()
+        else:
+            self._close()  # Connection: close, HTTP/1.0, or the server is closing
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._idle:
+            self._close()  # an idle keep-alive connection: close quietly
+        else:
+            self._fail(408, "request not received in time")
+
+    def _fail(self, status: int, reason: str) -> None:
+        if self._transport is not None:
+            self._transport.write(_error_bytes(self._h11, status, reason))
+        self._close()
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _arm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._limits.header_timeout, self._timed_out)
+
+    def _send(self, event: h11.Event) -> bytes:
+        return self._h11.send(event) or b""  # None only for ConnectionClosed, never sent here
+
+    def _close(self, abort: bool = False) -> None:
+        """Close once the answer is flushed, or drop a peer that will not read it."""
+        transport, self._transport = self._transport, None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if transport is None:
+            return
+        if abort:
+            transport.abort()
+            return
+        transport.close()
+        if transport.get_write_buffer_size():
+            asyncio.get_running_loop().call_later(_CLOSE_GRACE_S, transport.abort)
+
+
+def _check_head(event: h11.Request, limits: _Limits) -> None:
+    # h11 bounds only a head that is still incomplete; one that arrived whole in a
+    # single read is measured here (approximately: name, value and separators).
+    size = len(event.target)
+    for name, value in event.headers:
+        size += len(name) + len(value) + 4
+        if name == b"content-length" and int(value) > limits.max_body_bytes:
+            raise _RequestError(413, "request body too large")
+    if size > limits.max_header_bytes:
+        raise _RequestError(431, "request header fields too large")
+
+
+def _response_head(response: Response, content_length: int | None, closing: bool) -> h11.Response:
+    headers: list[tuple[str, str]] = []
+    if content_length is not None:
+        headers.append(("content-length", str(content_length)))
+    if response.content_type is not None:
+        headers.append(("content-type", response.content_type))
+    headers.extend(response.headers)
+    if closing:
+        headers.append(("connection", "close"))
+    reason = _REASONS.get(response.status, b"")
+    return h11.Response(status_code=response.status, headers=headers, reason=reason)
+
+
+def _error_bytes(conn: h11.Connection, status: int, reason: str) -> bytes:
+    """A whole plain-text error response that closes the connection; b"" when a response
+    has begun already (nothing can be said any more)."""
+    if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        return b""
+    body = f"{reason}\n".encode()
+    headers = [
+        ("content-type", "text/plain; charset=utf-8"),
+        ("content-length", str(len(body))),
+        ("connection", "close"),
+    ]
+    head = h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, b""))
+    try:
+        out = conn.send(head) or b""
+        out += (conn.send(h11.Data(data=body)) or b"") + (conn.send(h11.EndOfMessage()) or b"")
+    except h11.LocalProtocolError:
+        return b""
+    return out
 
 
 def _listening_socket(host: str, port: int) -> socket.socket:
