@@ -145,23 +145,39 @@ class Measured:
         return statistics.median(self.warm_ms) if self.warm_ms else None
 
     @property
-    def per_token(self) -> bool:
-        """True when the runs generated different numbers of tokens (output not pinned:
-        structured output, or a server that ignores min_tokens), so the ratio compares
-        milliseconds per generated token rather than milliseconds."""
-        lengths = {self.first_tokens, *self.warm_tokens}
-        return len(lengths) > 1 and None not in lengths and 0 not in lengths
+    def length_fitted(self) -> bool:
+        """True when the first run generated another number of tokens than the warm runs
+        (output not pinned: structured output, or a server that ignores min_tokens) and the
+        warm runs spread enough to fit warm latency against output length."""
+        return self._fit() is not None and self.first_tokens not in self.warm_tokens
+
+    def _fit(self) -> tuple[float, float, int, int] | None:
+        """(intercept ms, ms per token, fewest, most tokens) of the warm runs' straight line,
+        or None without two distinct lengths or with a slope that is not positive."""
+        points = [(n, ms) for n, ms in zip(self.warm_tokens, self.warm_ms, strict=False) if n]
+        lengths = {n for n, _ in points}
+        if self.first_tokens is None or len(points) != len(self.warm_ms) or len(lengths) < 2:
+            return None
+        mean_n = statistics.fmean(n for n, _ in points)
+        mean_ms = statistics.fmean(ms for _, ms in points)
+        spread = sum((n - mean_n) ** 2 for n, _ in points)
+        slope = sum((n - mean_n) * (ms - mean_ms) for n, ms in points) / spread
+        if slope <= 0:
+            return None
+        return mean_ms - slope * mean_n, slope, min(lengths), max(lengths)
 
     @property
     def wall_ratio(self) -> float | None:
+        """First ms over warm ms at the same output length: the warm median when the lengths
+        match (pinned output), else the warm runs' line at the first run's length, kept
+        inside the lengths the warm runs reached (no extrapolation)."""
         if self.first_ms is None or not self.warm_ms:
             return None
-        if self.per_token:
-            assert self.first_tokens
-            warm = statistics.median(
-                ms / n for ms, n in zip(self.warm_ms, self.warm_tokens, strict=True) if n
-            )
-            return self.first_ms / self.first_tokens / warm
+        fit = self._fit() if self.length_fitted else None
+        if fit is not None and self.first_tokens is not None:
+            intercept, slope, fewest, most = fit
+            warm = intercept + slope * min(max(self.first_tokens, fewest), most)
+            return self.first_ms / warm if warm > 0 else None
         warm_median = self.warm_median
         return self.first_ms / warm_median if warm_median else None
 
@@ -447,8 +463,8 @@ async def _send(
         request.render(" ".join(random.choices(_BENCH_WORDS, k=words)), model)
         for _ in range(request.concurrency)
     ]
-    if pin_output:
-        bodies = [pinned(b) for b in bodies]
+    bodies = [_with_usage(pinned(b) if pin_output else b) for b in bodies]
+    await _open_connections(client, base, request.concurrency)
     began = time.perf_counter()
     replies = await asyncio.gather(
         *(client.post(f"{base}{request.endpoint}", json=b) for b in bodies)
@@ -467,28 +483,33 @@ async def _send(
     return ms, batch_cost, compiled, longest
 
 
+async def _open_connections(client: httpx.AsyncClient, base: str, count: int) -> None:
+    """Have `count` connections open before a batch is timed: without them the batch's
+    requests leave one handshake apart and reach the engine in separate steps, whereas warm
+    runs reuse the connections of the run before. The server is measured, not the client."""
+    if count > 1:
+        with contextlib.suppress(httpx.HTTPError):
+            await asyncio.gather(*(client.get(f"{base}/health") for _ in range(count)))
+
+
 def _generated(reply: httpx.Response) -> int | None:
-    """Tokens a reply generated: its usage, or for a stream without usage its content chunks."""
+    """Tokens a reply generated, from its usage (a stream's last chunk: see `_with_usage`)."""
     if not reply.headers.get("content-type", "").startswith("text/event-stream"):
-        try:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
             return int(reply.json()["usage"]["completion_tokens"])
-        except (ValueError, KeyError, TypeError):
-            return None
-    chunks = 0
-    for line in reply.text.splitlines():
-        if not line.startswith("data: {"):
-            continue
-        with contextlib.suppress(ValueError):
-            event = json.loads(line[len("data: ") :])
-            usage = event.get("usage")
-            if usage and usage.get("completion_tokens") is not None:
-                return int(usage["completion_tokens"])
-            chunks += sum(
-                1
-                for c in event.get("choices") or []
-                if c.get("text") or (c.get("delta") or {}).get("content")
-            )
-    return chunks or None
+        return None
+    for line in reversed(reply.text.splitlines()):
+        if line.startswith("data: {") and '"usage"' in line:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                return int(json.loads(line[len("data: ") :])["usage"]["completion_tokens"])
+    return None
+
+
+def _with_usage(body: dict[str, Any]) -> dict[str, Any]:
+    """A stream asked for its usage chunk too, so the runs' output lengths can be compared."""
+    if not body.get("stream") or (body.get("stream_options") or {}).get("include_usage"):
+        return body
+    return {**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
 
 
 def _sim_report(reply: httpx.Response) -> tuple[tuple[float, float] | None, list[str]]:
@@ -546,9 +567,10 @@ def report(outcomes: Sequence[Outcome]) -> str:
         lines += [
             "",
             "Each cell: first/warm ratio (first wall ms / warm median wall ms). Output lengths are",
-            "pinned (min_tokens = max_tokens) except for structured output; where the runs still",
-            "generated different numbers of tokens the ratio is of ms per generated token",
-            "(marked). Over the simulator the ratio comes from its own cost report (first cost",
+            "pinned (min_tokens = max_tokens) except for structured output; where the first run",
+            "generated another number of tokens than the warm ones, its warm latency is read off",
+            "a line fitted to the warm runs (length-fitted). Over the simulator the ratio comes",
+            "from its own cost report (first cost",
             "over that cost without its one-time compilation), which machine noise cannot move.",
         ]
         lines += [
@@ -570,8 +592,8 @@ def _cell(m: Measured | None) -> str:
         return "-"
     if m.error:
         return "error"
-    per_token = " per token" if m.per_token and m.cost_ratio is None else ""
-    return f"{_fmt(m.ratio, 2)} ({_fmt(m.first_ms, 0)}/{_fmt(m.warm_median, 0)} ms{per_token})"
+    fitted = ", length-fitted" if m.length_fitted and m.cost_ratio is None else ""
+    return f"{_fmt(m.ratio, 2)} ({_fmt(m.first_ms, 0)}/{_fmt(m.warm_median, 0)} ms{fitted})"
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
@@ -591,7 +613,7 @@ def as_json(outcomes: Sequence[Outcome]) -> list[dict[str, Any]]:
                     "ratio": m.ratio,
                     "wall_ratio": m.wall_ratio,
                     "cost_ratio": m.cost_ratio,
-                    "per_token": m.per_token,
+                    "length_fitted": m.length_fitted,
                 }
                 for m in o.requests
             ],
