@@ -182,6 +182,17 @@ class Measured:
         return self.first_ms / warm_median if warm_median else None
 
     @property
+    def warm_ratio(self) -> float | None:
+        """The first warm run as if it were the first: over the median of the others
+        (cost reports over the simulator, wall ms at equal length elsewhere)."""
+        costs, walls = self.warm_cost_ms, self.warm_ms
+        runs = costs if len(costs) == len(walls) and costs else walls
+        if len(runs) < 3 or len(set(self.warm_tokens)) > 1:
+            return None
+        rest = statistics.median(runs[1:])
+        return runs[0] / rest if rest > 0 else None
+
+    @property
     def cost_ratio(self) -> float | None:
         """The ratio from the simulator's own report: first cost over that cost without its
         one-time compilation. Deterministic, and blind to output lengths that differ between
@@ -215,6 +226,14 @@ class Outcome:
     @property
     def max_ratio(self) -> float | None:
         ratios = [m.ratio for m in self.requests if m.ratio is not None]
+        return max(ratios) if ratios else None
+
+    @property
+    def noise_floor(self) -> float | None:
+        """The same statistic for runs known to be warm: the max over the requests of the
+        first warm run over the median of the other warm runs. A max first/warm below it
+        cannot be told from a warm server on this machine; over the simulator it is 1."""
+        ratios = [m.warm_ratio for m in self.requests if m.warm_ratio is not None]
         return max(ratios) if ratios else None
 
     @property
@@ -543,9 +562,9 @@ def report(outcomes: Sequence[Outcome]) -> str:
     """Markdown: one summary row per strategy, then first/warm per held-out request."""
     lines = [
         "| strategy | spawn→healthy s | spawn→Ready s | warm-up s | spawn→first good "
-        "response s | refused before it | max first/warm | worst request | JIT lines after "
-        "Ready | kernels compiled after Ready (sim) | GPU memory MiB | error |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
+        "response s | refused before it | max first/warm | noise floor | worst request | "
+        "JIT lines after Ready | kernels compiled after Ready (sim) | GPU memory MiB | error |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
     ]
     for o in outcomes:
         warmup = (
@@ -559,7 +578,8 @@ def report(outcomes: Sequence[Outcome]) -> str:
         lines.append(
             f"| {o.strategy} | {_fmt(o.spawn_to_healthy_s)} | {_fmt(o.spawn_to_ready_s)} | "
             f"{_fmt(warmup)} | {_fmt(o.first_good_s)} | {o.refused_before_good} | "
-            f"{_fmt(o.max_ratio, 2)} | {o.worst} | {_fmt(o.jit_after_ready, 0)} | "
+            f"{_fmt(o.max_ratio, 2)} | {_fmt(o.noise_floor, 2)} | {o.worst} | "
+            f"{_fmt(o.jit_after_ready, 0)} | "
             f"{o.compiled_after_ready} | {_fmt(gpu, 0)} | {o.error or ''} |"
         )
     names = [m.name for m in outcomes[0].requests] if outcomes else []
@@ -570,8 +590,10 @@ def report(outcomes: Sequence[Outcome]) -> str:
             "pinned (min_tokens = max_tokens) except for structured output; where the first run",
             "generated another number of tokens than the warm ones, its warm latency is read off",
             "a line fitted to the warm runs (length-fitted). Over the simulator the ratio comes",
-            "from its own cost report (first cost",
-            "over that cost without its one-time compilation), which machine noise cannot move.",
+            "from its own cost report (first cost over that cost without its one-time",
+            "compilation), which machine noise cannot move. Noise floor: the max over the",
+            "requests of the first warm run over the median of the others, the same statistic",
+            "for runs known to be warm; a max first/warm below it is within the machine's noise.",
         ]
         lines += [
             "",
@@ -607,6 +629,7 @@ def as_json(outcomes: Sequence[Outcome]) -> list[dict[str, Any]]:
         {
             **{k: v for k, v in dataclasses.asdict(o).items() if k != "requests"},
             "max_ratio": o.max_ratio,
+            "noise_floor": o.noise_floor,
             "requests": [
                 {
                     **dataclasses.asdict(m),
