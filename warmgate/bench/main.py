@@ -38,7 +38,10 @@ def bench_main(
         raise WarmgateError("the plan strategy needs --plan FILE")
     if plan is not None and not plan.is_file():
         raise WarmgateError(f"--plan {plan}: no such file")
-    upstream = command_upstream(command) if command else sim_upstream(shlex.split(sim_args))
+    if command:
+        upstream = command_upstream(command, "vLLM" if "vllm" in command else "--command")
+    else:
+        upstream = sim_upstream(shlex.split(sim_args))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     outcomes: list[Outcome] = []
