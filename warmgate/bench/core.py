@@ -232,7 +232,8 @@ class Outcome:
     def noise_floor(self) -> float | None:
         """The same statistic for runs known to be warm: the max over the requests of the
         first warm run over the median of the other warm runs. A max first/warm below it
-        cannot be told from a warm server on this machine; over the simulator it is 1."""
+        cannot be told from a warm server on this machine. Over the simulator it is the cost
+        report's own spread (a warm run that still compiled, e.g. a new batch bucket)."""
         ratios = [m.warm_ratio for m in self.requests if m.warm_ratio is not None]
         return max(ratios) if ratios else None
 
