@@ -38,12 +38,13 @@ import json
 import os
 import re
 import socket
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from warmgate.childlog import LineScanner
 
 # (variable, subdirectory of the slot) for each cache the child is pointed at.
 CACHE_VARS: tuple[tuple[str, str], ...] = (
@@ -249,7 +250,7 @@ def snapshot(dirs: CacheDirs) -> CacheSnapshot:
     return CacheSnapshot(size_bytes=size, file_count=len(paths), paths=frozenset(paths))
 
 
-class EngineCacheLog:
+class EngineCacheLog(LineScanner):
     """The engine's own word on its compile cache, from a copy of its output (pump threads
     call feed): vLLM logs each artifact it loads, and the reason when it cannot load one
     and compiles again (a version mismatch, a corrupt file).
@@ -260,21 +261,17 @@ class EngineCacheLog:
     MAX_REASONS = 8
 
     def __init__(self) -> None:
+        super().__init__()
         self.loaded = 0
         self.failures: list[str] = []
-        self._tails: dict[int, bytes] = {}
-        self._lock = threading.Lock()
 
-    def feed(self, stream: int, data: bytes) -> None:
-        with self._lock:
-            lines = (self._tails.get(stream, b"") + data).split(b"\n")
-            self._tails[stream] = lines.pop()[-4096:]  # an unfinished line waits for its end
-            for line in lines:
-                if any(marker in line for marker in self.LOADED):
-                    self.loaded += 1
-                elif self.FAILED in line and len(self.failures) < self.MAX_REASONS:
-                    _, _, reason = line.partition(b"reason: ")
-                    self.failures.append(reason.decode(errors="replace").strip() or "unknown")
+    def scan(self, lines: list[bytes]) -> None:
+        for line in lines:
+            if any(marker in line for marker in self.LOADED):
+                self.loaded += 1
+            elif self.FAILED in line and len(self.failures) < self.MAX_REASONS:
+                _, _, reason = line.partition(b"reason: ")
+                self.failures.append(reason.decode(errors="replace").strip() or "unknown")
 
     def as_status(self) -> dict[str, Any]:
         with self._lock:

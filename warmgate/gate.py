@@ -11,7 +11,6 @@ import asyncio
 import signal
 import socket
 import sys
-import threading
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,38 +18,18 @@ from urllib.parse import urlsplit
 from warmgate import inflight, log, probe, process, servers
 from warmgate import lifecycle as lc
 from warmgate.cache import CacheReport
+from warmgate.childlog import JitScanner
 from warmgate.config import RunSettings
 from warmgate.errors import Exit
 from warmgate.telemetry import Counters, Metrics, gpus, process_tree_rss
 from warmgate.upstream import Upstream
 from warmgate.warmup import Runner, ShapeResult, build, discover, summary_table
 
-JIT_MARKER = b"JIT compilation during inference"
 PROGRESS_EVERY_S = 10.0
 WARMUP_ID_MARK = "warmgate-"  # in the X-Request-Id of every warm-up request
 # Drain outcomes that leave requests possibly still running: their log lines name them.
 NAMED_OUTCOMES = ("timed_out", "skipped", "no_metrics")
 NAME_KEYS = ("connections", "connections_more", "requests", "requests_more", "requests_dropped")
-
-
-class JitScanner:
-    """Counts the engine's JIT-monitor lines in a copy of its output (pump threads call feed)."""
-
-    def __init__(self) -> None:
-        self.total = 0
-        self.after_ready = 0
-        self.ready = False  # set by the event loop; a plain bool is safe across threads
-        self._tails: dict[int, bytes] = {}
-        self._lock = threading.Lock()
-
-    def feed(self, stream: int, data: bytes) -> None:
-        with self._lock:
-            lines = (self._tails.get(stream, b"") + data).split(b"\n")
-            self._tails[stream] = lines.pop()[-4096:]  # an unfinished line waits for its end
-            found = sum(JIT_MARKER in line for line in lines)
-            self.total += found
-            if self.ready:
-                self.after_ready += found
 
 
 class _ChildGone(Exception):

@@ -41,9 +41,10 @@ from typing import Any
 import httpx
 
 from warmgate.bench import HELDOUT_CONTEXT, HeldoutRequest, load_heldout
+from warmgate.childlog import JIT_MARKER
 
 STRATEGIES = ("none", "health", "warmup.sh", "warmgate", "plan")
-JIT_MARKER = b"JIT compilation during inference"
+
 RETRY_S = 0.5  # how often a client of the `none` strategy retries a refused request
 # Words for held-out prompts: deliberately not the warm-up plan's vocabulary.
 _BENCH_WORDS = [

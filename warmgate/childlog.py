@@ -1,0 +1,47 @@
+"""Reading a copy of the child's output as it passes through (the pump threads call `feed`).
+
+The engine's log is where it says what a probe cannot see: a kernel compiled during
+inference, a compile-cache artifact it could not load. Scanners here see whole lines only;
+an unfinished line waits for its end, per stream, and only its first 4 KiB are kept.
+"""
+
+from __future__ import annotations
+
+import threading
+
+# vLLM's JIT monitor: "Triton kernel JIT compilation during inference: <kernel>" and kin.
+JIT_MARKER = b"JIT compilation during inference"
+_KEPT = 4096
+
+
+class LineScanner:
+    """Whole lines of each stream, handed to `scan` under one lock (pumps run in threads)."""
+
+    def __init__(self) -> None:
+        self._tails: dict[int, bytes] = {}
+        self._lock = threading.Lock()
+
+    def feed(self, stream: int, data: bytes) -> None:
+        with self._lock:
+            lines = (self._tails.get(stream, b"") + data).split(b"\n")
+            self._tails[stream] = lines.pop()[:_KEPT]  # the start of a line names what it is
+            self.scan(lines)
+
+    def scan(self, lines: list[bytes]) -> None:
+        raise NotImplementedError
+
+
+class JitScanner(LineScanner):
+    """Counts the engine's JIT-monitor lines, and those after Ready: its verdict on warm-up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+        self.after_ready = 0
+        self.ready = False  # set by the event loop; a plain bool is safe across threads
+
+    def scan(self, lines: list[bytes]) -> None:
+        found = sum(JIT_MARKER in line for line in lines)
+        self.total += found
+        if self.ready:
+            self.after_ready += found
