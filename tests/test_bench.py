@@ -62,3 +62,21 @@ def test_timeline_order_matches_each_strategy(bench: tuple[int, str, Path]) -> N
     # /health readiness: Ready when healthy; warmgate: healthy, then the warm-up, then Ready.
     assert health["spawn_to_ready_s"] == health["spawn_to_healthy_s"]
     assert warm["spawn_to_healthy_s"] < warm["spawn_to_ready_s"] <= warm["first_good_s"]
+
+
+def test_several_starts_combine_into_the_median(tmp_path: Path) -> None:
+    """`--starts 2`: two fresh upstreams for the strategy, each request's ratio the median
+    (for two, the mean) of its ratios in the two starts."""
+    args = ["bench", "--strategies", "health", "--starts", "2", "--sim-args", SIM,
+            "--warm-runs", "3", "--out", str(tmp_path)]  # fmt: skip
+    code, stdout, stderr = run(args, timeout=300)
+    assert code == 0, f"bench failed:\n{stdout[-2000:]}\n{stderr[-2000:]}"
+    assert {p.name for p in tmp_path.glob("*.log")} == {"health.1.log", "health.2.log"}
+    assert "combines 2 starts" in (tmp_path / "report.md").read_text()
+    (row,) = json.loads((tmp_path / "report.json").read_text())
+    assert len(row["runs"]) == 2
+    for i, request in enumerate(row["requests"]):
+        each = [start["requests"][i]["ratio"] for start in row["runs"]]
+        assert request["ratio"] == pytest.approx(sum(each) / 2)
+        assert request["ratio"] > 0
+    assert row["max_ratio"] == max(r["ratio"] for r in row["requests"])

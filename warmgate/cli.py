@@ -363,6 +363,13 @@ def bench(
             help="Extra `warmgate run` options for its strategies.",
         ),
     ] = "",
+    starts: Annotated[
+        int,
+        typer.Option(
+            envvar=_env("BENCH_STARTS"),
+            help="Fresh starts per strategy; each request's ratio is the median over them.",
+        ),
+    ] = 1,
     pin_output: Annotated[
         bool,
         typer.Option(
@@ -382,7 +389,7 @@ def bench(
     from warmgate.bench.main import bench_main
 
     return bench_main(
-        command, sim_args, strategies, plan, warm_runs, warmgate_args, out, pin_output
+        command, sim_args, strategies, plan, warm_runs, warmgate_args, out, pin_output, starts
     )
 
 

@@ -12,6 +12,7 @@ from warmgate.bench.core import (
     STRATEGIES,
     Outcome,
     as_json,
+    combine,
     command_upstream,
     report,
     run_strategy,
@@ -29,6 +30,7 @@ def bench_main(
     warmgate_args: str,
     out: Path | None,
     pin_output: bool = True,
+    starts: int = 1,
 ) -> int:
     chosen = [s.strip() for s in strategies.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in STRATEGIES]
@@ -38,6 +40,8 @@ def bench_main(
         raise WarmgateError("the plan strategy needs --plan FILE")
     if plan is not None and not plan.is_file():
         raise WarmgateError(f"--plan {plan}: no such file")
+    if starts < 1:
+        raise WarmgateError(f"--starts {starts}: must be at least 1")
     if command:
         upstream = command_upstream(command, "vLLM" if "vllm" in command else "--command")
     else:
@@ -46,23 +50,27 @@ def bench_main(
         out.mkdir(parents=True, exist_ok=True)
     outcomes: list[Outcome] = []
     for strategy in chosen:
-        outcome = asyncio.run(
-            run_strategy(
-                strategy,
-                upstream,
-                plan=plan,
-                warm_runs=warm_runs,
-                warmgate_args=shlex.split(warmgate_args),
-                log_dir=out,
-                pin_output=pin_output,
+        runs = []
+        for start in range(1, starts + 1):
+            run = asyncio.run(
+                run_strategy(
+                    strategy,
+                    upstream,
+                    plan=plan,
+                    warm_runs=warm_runs,
+                    warmgate_args=shlex.split(warmgate_args),
+                    log_dir=out,
+                    pin_output=pin_output,
+                    log_name=f"{strategy}.log" if starts == 1 else f"{strategy}.{start}.log",
+                )
             )
-        )
-        outcomes.append(outcome)
-        print(
-            f"# {strategy}: ready in {outcome.spawn_to_ready_s or 0:.1f} s, "
-            f"max first/warm {outcome.max_ratio or 0:.2f}",
-            flush=True,
-        )
+            runs.append(run)
+            print(
+                f"# {strategy}{'' if starts == 1 else f' start {start}'}: ready in "
+                f"{run.spawn_to_ready_s or 0:.1f} s, max first/warm {run.max_ratio or 0:.2f}",
+                flush=True,
+            )
+        outcomes.append(combine(runs))
     text = report(outcomes)
     print(text)
     if out is not None:
