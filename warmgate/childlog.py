@@ -8,13 +8,14 @@ an unfinished line waits for its end, per stream, and only its first 4 KiB are k
 from __future__ import annotations
 
 import threading
+from abc import ABC, abstractmethod
 
 # vLLM's JIT monitor: "Triton kernel JIT compilation during inference: <kernel>" and kin.
 JIT_MARKER = b"JIT compilation during inference"
 _KEPT = 4096
 
 
-class LineScanner:
+class LineScanner(ABC):
     """Whole lines of each stream, handed to `scan` under one lock (pumps run in threads)."""
 
     def __init__(self) -> None:
@@ -27,8 +28,9 @@ class LineScanner:
             self._tails[stream] = lines.pop()[:_KEPT]  # the start of a line names what it is
             self.scan(lines)
 
+    @abstractmethod
     def scan(self, lines: list[bytes]) -> None:
-        raise NotImplementedError
+        """Called with the lock held, with every line completed by one `feed`."""
 
 
 class JitScanner(LineScanner):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -327,61 +327,53 @@ def probe(
     return check(host, port, f"/{which.value}", timeout)
 
 
+def _bench_opt(name: str, help_text: str) -> Any:
+    return typer.Option(envvar=_env(f"BENCH_{name}"), help=help_text)
+
+
 @app.command()
 def bench(
     command: Annotated[
         str | None,
-        typer.Option(
-            envvar=_env("BENCH_COMMAND"),
-            help="Server command line to benchmark (host/port appended); default: warmgate sim.",
+        _bench_opt(
+            "COMMAND",
+            "Server command line to benchmark (host/port appended); default: warmgate sim.",
         ),
     ] = None,
-    sim_args: Annotated[
-        str, typer.Option(envvar=_env("BENCH_SIM_ARGS"), help="Arguments for the simulator.")
-    ] = "--max-model-len 2048 --time-scale 0.05 --load-seconds 2",
+    sim_args: Annotated[str, _bench_opt("SIM_ARGS", "Arguments for the simulator.")] = (
+        "--max-model-len 2048 --time-scale 0.05 --load-seconds 2"
+    ),
     strategies: Annotated[
         str,
-        typer.Option(
-            envvar=_env("BENCH_STRATEGIES"),
-            help="Comma list of none, health, warmup.sh, warmgate, plan (plan needs --plan).",
+        _bench_opt(
+            "STRATEGIES",
+            "Comma list of none, health, warmup.sh, warmgate, plan (plan needs --plan).",
         ),
     ] = "none,health,warmup.sh,warmgate",
-    plan: Annotated[
-        Path | None,
-        typer.Option(envvar=_env("BENCH_PLAN"), help="The user plan of the plan strategy."),
-    ] = None,
+    plan: Annotated[Path | None, _bench_opt("PLAN", "The user plan of the plan strategy.")] = None,
     warm_runs: Annotated[
-        int,
-        typer.Option(
-            envvar=_env("BENCH_WARM_RUNS"), help="Warm runs per held-out request (median)."
-        ),
+        int, _bench_opt("WARM_RUNS", "Warm runs per held-out request (median).")
     ] = 5,
     warmgate_args: Annotated[
-        str,
-        typer.Option(
-            envvar=_env("BENCH_WARMGATE_ARGS"),
-            help="Extra `warmgate run` options for its strategies.",
-        ),
+        str, _bench_opt("WARMGATE_ARGS", "Extra `warmgate run` options for its strategies.")
     ] = "",
     starts: Annotated[
         int,
-        typer.Option(
-            envvar=_env("BENCH_STARTS"),
-            help="Fresh starts per strategy; each request's ratio is the median over them.",
+        _bench_opt(
+            "STARTS", "Fresh starts per strategy; each request's ratio is the median over them."
         ),
     ] = 1,
     pin_output: Annotated[
         bool,
-        typer.Option(
-            envvar=_env("BENCH_PIN_OUTPUT"),
-            help="Send min_tokens = max_tokens, so first and warm runs generate as many tokens.",
+        _bench_opt(
+            "PIN_OUTPUT",
+            "Send min_tokens = max_tokens, so first and warm runs generate as many tokens.",
         ),
     ] = True,
     out: Annotated[
         Path | None,
-        typer.Option(
-            envvar=_env("BENCH_OUT"),
-            help="Directory for report.md, report.json, timeline.png and the servers' logs.",
+        _bench_opt(
+            "OUT", "Directory for report.md, report.json, timeline.png and the servers' logs."
         ),
     ] = None,
 ) -> int:

@@ -195,13 +195,9 @@ async def start_server(
 ) -> Server:
     """Listen on host:port (port 0 picks a free one; read it from `Server.port`), or on
     `sock`, a socket the caller bound already."""
-    if sock is None:
-        if port is None:
-            raise ValueError("start_server needs a port (0 for any free one) or a bound sock")
-        sock = _listening_socket(host or "", port)
     limits = _Limits(max_connections, max_header_bytes, max_body_bytes, header_timeout)
     server = Server(handler, limits)
-    await server._listen(sock)
+    await server._listen(_bound(host, port, sock))
     return server
 
 
@@ -219,14 +215,19 @@ async def start_sync_server(
     """As `start_server`, for a handler that answers at once from memory (no I/O, no
     streamed body): it runs inside the connection's `data_received`. `header_timeout`
     bounds the time to send a whole request."""
-    if sock is None:
-        if port is None:
-            raise ValueError("start_sync_server needs a port (0 for any free one) or a bound sock")
-        sock = _listening_socket(host or "", port)
     limits = _Limits(max_connections, max_header_bytes, max_body_bytes, header_timeout)
     server = Server(None, limits)
-    await server._listen_sync(sock, handler)
+    await server._listen_sync(_bound(host, port, sock), handler)
     return server
+
+
+def _bound(host: str | None, port: int | None, sock: socket.socket | None) -> socket.socket:
+    """The caller's bound socket, or a new one listening on host:port (0: any free port)."""
+    if sock is not None:
+        return sock
+    if port is None:
+        raise ValueError("the server needs a port (0 for any free one) or a bound sock")
+    return _listening_socket(host or "", port)
 
 
 class _Connection:

@@ -21,10 +21,11 @@ import os
 import re
 import socket
 import sys
-import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from warmgate.childlog import LineScanner
 
 LOG_FLAGS = ("--enable-log-requests", "--enable-log-outputs")
 MAX_OPEN = 10_000  # ids kept at most; more are counted, not named
@@ -60,7 +61,7 @@ def logs_request_ends(argv: Sequence[str]) -> bool:
     return True
 
 
-class RequestLog:
+class RequestLog(LineScanner):
     """Request ids the engine logged as received and not yet as finished.
 
     Pump threads call `feed` with raw chunks of each stream, split anywhere; the event
@@ -69,19 +70,15 @@ class RequestLog:
     """
 
     def __init__(self, max_open: int = MAX_OPEN) -> None:
+        super().__init__()
         self.max_open = max_open
         self.dropped = 0  # ids not kept because max_open were open
         self._open: dict[str, None] = {}  # insertion-ordered: oldest first
-        self._heads: dict[int, bytes] = {}
-        self._lock = threading.Lock()
 
-    def feed(self, stream: int, data: bytes) -> None:
-        with self._lock:
-            lines = (self._heads.get(stream, b"") + data).split(b"\n")
-            self._heads[stream] = lines.pop()[:LINE_HEAD]  # an unfinished line waits for its end
-            for line in lines:
-                if any(marker in line for marker in _MARKERS):
-                    self._line(line[:LINE_HEAD].decode("utf-8", "replace").rstrip("\r"))
+    def scan(self, lines: list[bytes]) -> None:
+        for line in lines:
+            if any(marker in line for marker in _MARKERS):
+                self._line(line[:LINE_HEAD].decode("utf-8", "replace").rstrip("\r"))
 
     def open_ids(self) -> list[str]:
         with self._lock:
