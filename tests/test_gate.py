@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import sys
@@ -11,8 +12,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
-from wgutil import Running, events, exit_event, free_port, http_get, run, wait_for
+from wgutil import Running, alive, events, exit_event, free_port, http_get, run, wait_for
 
 # A small, fast plan: two concurrency buckets and a 1024-token context (40 shapes).
 FAST = [
@@ -142,6 +144,53 @@ def test_broken_upstream_fails_the_pod_under_fail(
     end = exit_event(running.stderr)
     assert end["reason"] == "warmup_failed", end
     assert running.events("warmup_failed")
+
+
+def _worker(running: Running) -> int:
+    """The warm-up worker's pid, once warmgate has started it."""
+    pid = int(running.wait_event("warmup_worker", timeout=60)["pid"])
+    assert "warmgate.worker" in Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+    return pid
+
+
+def test_warmup_runs_in_a_worker_process_that_sigterm_stops() -> None:
+    running, port = gate(sim_args=("--slow", "0.5"))
+    try:
+        pid = _worker(running)
+        assert os.getpgid(pid) == pid  # a group of its own: a terminal's Ctrl-C misses it
+        assert psutil.Process(pid).ppid() == running.proc.pid
+        wait_for(lambda: http_get(port, "/status")[1]["shapes"], timeout=30)  # events arrive
+        assert http_get(port, "/ready")[0] == 503
+        running.proc.send_signal(signal.SIGTERM)
+        assert running.wait(timeout=30) == 0
+    finally:
+        running.stop()
+    assert not alive(pid)
+    phases = [e["phase"] for e in running.events("phase")]
+    assert phases[-2:] == ["draining", "stopped"], phases
+
+
+def test_a_killed_worker_fails_the_warmup() -> None:
+    running, _ = gate(sim_args=("--slow", "0.5"))
+    try:
+        os.kill(_worker(running), signal.SIGKILL)
+        assert running.wait(timeout=60) == 70
+    finally:
+        running.stop()
+    failed = running.events("warmup_failed")
+    assert failed and "ended without a verdict" in failed[0]["error"], failed
+    assert exit_event(running.stderr)["reason"] == "warmup_failed"
+
+
+def test_the_worker_dies_with_a_killed_supervisor() -> None:
+    running, _ = gate(sim_args=("--slow", "0.5"))
+    try:
+        pid = _worker(running)
+        running.proc.kill()  # SIGKILL: no chance to clean up
+        running.wait(timeout=10)
+        wait_for(lambda: not alive(pid), timeout=10)
+    finally:
+        running.stop()
 
 
 def test_broken_upstream_is_served_anyway_under_ready() -> None:

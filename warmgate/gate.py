@@ -8,6 +8,8 @@ decisions. Shutdown is cancellation of that group.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import signal
 import socket
 import sys
@@ -19,11 +21,12 @@ from warmgate import inflight, log, probe, process, servers
 from warmgate import lifecycle as lc
 from warmgate.cache import CacheReport
 from warmgate.childlog import JitScanner
-from warmgate.config import RunSettings
+from warmgate.config import RunSettings, WarmupSettings
 from warmgate.errors import Exit
 from warmgate.telemetry import Counters, Metrics, gpus, process_tree_rss
 from warmgate.upstream import Upstream
-from warmgate.warmup import Runner, ShapeResult, build, discover, summary_table
+from warmgate.warmup import Progress, summary_table
+from warmgate.worker import Worker
 
 PROGRESS_EVERY_S = 10.0
 WARMUP_ID_MARK = "warmgate-"  # in the X-Request-Id of every warm-up request
@@ -50,6 +53,7 @@ class Gate:
         self.settings = settings
         self.child = child
         self.upstream_url = upstream_url
+        self._api_key = api_key
         self.upstream = Upstream(
             upstream_url, api_key=api_key, timeout=settings.warmup.request_timeout
         )
@@ -69,9 +73,7 @@ class Gate:
         self.upstream_port = address.port or (443 if address.scheme == "https" else 80)
         self.counters = Counters()
         self.meter = Metrics(self._read_counters)
-        self.results: list[ShapeResult] = []
-        self.models: list[str] = []
-        self.warnings: list[str] = []
+        self.progress = Progress()
         self.drain: dict[str, Any] = {}
         self.exit_reason: str | None = None
         self.cache = cache
@@ -105,15 +107,15 @@ class Gate:
             "mode": "warmup",
             **snap,
             "upstream": self.upstream_url,
-            "models": self.models,
+            "models": self.progress.models,
             "child": {"pid": self.child.pid, "rss_bytes": process_tree_rss(self.child.pid)},
             "gpus": gpus(),
-            "shapes": [r.as_dict() for r in self.results],
+            "shapes": [r.as_dict() for r in self.progress.results],
             "jit_misses_after_ready": self.jit.after_ready,
             "jit_lines_total": self.jit.total,
             "drain": self.drain or None,
             "cache": self.cache.as_status() if self.cache is not None else None,
-            "warnings": self.warnings,
+            "warnings": self.progress.warnings,
         }
 
     def metrics(self) -> bytes:
@@ -231,18 +233,10 @@ class Gate:
         settings = self.settings.warmup
         began = time.monotonic()
         await self._measure_cache("healthy")
+        self.progress = Progress(self.meter.observe)
         try:
             async with asyncio.timeout(settings.warmup_timeout):
-                info, prompts = await discover(self.upstream, settings)
-                self.models = [m.id for m in info.models]
-                the_plan = build(settings, info)
-                self.warnings += the_plan.warnings
-                for warning in the_plan.warnings:
-                    self._log.warning("plan", note=warning)
-                self._log.info("plan", shapes=len(the_plan.shapes), models=self.models)
-                runner = Runner(self.upstream, the_plan, prompts, settings, self.meter.observe)
-                self.results = runner.results
-                await runner.run()
+                await self._run_worker(settings)
         except TimeoutError:
             self._warmup_done(False, f"--warmup-timeout {settings.warmup_timeout:g} s reached")
         except Exception as exc:  # any failure of the upstream ends in the documented outcome
@@ -254,6 +248,15 @@ class Gate:
                 self.requests.forget(WARMUP_ID_MARK)
             self._summarise(time.monotonic() - began)
             await self._measure_cache("warm")
+
+    async def _run_worker(self, settings: WarmupSettings) -> None:
+        """The warm-up runs in a worker process (warmgate.worker); its events land here."""
+        settings = dataclasses.replace(settings, upstream=self.upstream_url, api_key=self._api_key)
+        worker = Worker.spawn()
+        self._log.info("warmup_worker", pid=worker.pid)
+        async with contextlib.aclosing(worker.run(settings)) as events:
+            async for event in events:
+                self.progress.handle(event)
 
     async def _measure_cache(self, when: str) -> None:
         """Size the compile cache off the event loop (a walk of a few GB takes a while)."""
@@ -272,14 +275,13 @@ class Gate:
         )  # fmt: skip
 
     def _summarise(self, seconds: float) -> None:
+        results = self.progress.results
         counts: dict[str, int] = {}
-        for r in self.results:
+        for r in results:
             counts[r.status] = counts.get(r.status, 0) + 1
-        self._log.info(
-            "warmup_summary", ms=round(seconds * 1000), shapes=len(self.results), **counts
-        )
-        if self.results and sys.stderr.isatty():
-            print(summary_table(self.results), file=sys.stderr, flush=True)
+        self._log.info("warmup_summary", ms=round(seconds * 1000), shapes=len(results), **counts)
+        if results and sys.stderr.isatty():
+            print(summary_table(results), file=sys.stderr, flush=True)
 
     def _warmup_done(self, ok: bool, detail: str) -> None:
         if not ok:

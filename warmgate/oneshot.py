@@ -10,7 +10,7 @@ from warmgate.config import WarmupSettings
 from warmgate.errors import Exit
 from warmgate.plan import PlanError
 from warmgate.upstream import Upstream
-from warmgate.warmup import Runner, WarmupError, build, discover, summary_table
+from warmgate.warmup import Progress, WarmupError, summary_table, warm
 
 
 def warm_once(settings: WarmupSettings, log_level: str, log_format: str) -> int:
@@ -22,6 +22,7 @@ def warm_once(settings: WarmupSettings, log_level: str, log_format: str) -> int:
 async def _warm(settings: WarmupSettings) -> int:
     assert settings.upstream is not None
     logger = log.get()
+    progress = Progress()
     upstream = Upstream(
         settings.upstream, api_key=settings.api_key, timeout=settings.request_timeout
     )
@@ -33,10 +34,7 @@ async def _warm(settings: WarmupSettings) -> int:
                     "exit", reason="upstream_unhealthy", code=1, error=f"{settings.upstream}: {why}"
                 )
                 return 1
-            info, prompts = await discover(upstream, settings)
-            the_plan = build(settings, info)
-            runner = Runner(upstream, the_plan, prompts, settings)
-            await runner.run()
+            await warm(upstream, settings, progress.handle)
     except (PlanError, WarmupError) as exc:
         bad_input = isinstance(exc, PlanError)
         code = Exit.USAGE if bad_input else 1
@@ -58,6 +56,6 @@ async def _warm(settings: WarmupSettings) -> int:
     finally:
         await upstream.aclose()
     if sys.stderr.isatty():
-        print(summary_table(runner.results), file=sys.stderr)
-    logger.info("exit", reason="warm", code=0, shapes=len(runner.results))
+        print(summary_table(progress.results), file=sys.stderr)
+    logger.info("exit", reason="warm", code=0, shapes=len(progress.results))
     return 0

@@ -103,9 +103,11 @@ def check(host: str, port: int, path: str, timeout: float) -> int:
 class ProbeThread:
     """The probe server on an event loop of its own, in its own thread.
 
-    The warm-up keeps the main loop busy (64 requests in flight, their JSON), and a probe
-    queued behind that work would wait tens of milliseconds; on its own loop it waits at
-    most for the GIL. The view's methods only read state, which is safe across threads.
+    A probe then never queues behind the main loop's work (health polls, the warm-up
+    worker's events, drain polls). Since the warm-up's HTTP client moved to a process of
+    its own (warmgate.worker), the main loop is light: during a warm-up, /ready's p99 was
+    2.4 ms with the server on the main loop and 1.3-1.5 ms here (scripts/bench_probe.py).
+    The view's methods only read state, which is safe across threads.
     """
 
     def __init__(self, view: ProbeView, sock: socket.socket) -> None:
@@ -120,11 +122,11 @@ class ProbeThread:
         self.host, self.port = "", 0
 
     def start(self) -> None:
-        # A warm-up keeps the main thread holding the GIL most of the time, and a thread
-        # that wants it asks the holder to let go only after a whole switch interval
-        # (5 ms by default): a probe waits so at each loop wake-up (accept, read). At
-        # 0.5 ms the p99 of /ready during a warm-up went from 10-16 to 7-8 ms
-        # (scripts/bench_probe.py); the warm-up pays only while some thread waits.
+        # A thread that wants the GIL asks the holder to let go only after a whole switch
+        # interval (5 ms by default): a probe would wait so at each loop wake-up (accept,
+        # read) while the main thread or a pump thread works. With the warm-up in this
+        # process, 0.5 ms took /ready's p99 from 10-16 to 7-8 ms; the cost is paid only
+        # while some thread waits.
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         self._thread.start()
         self._started.wait(timeout=10)

@@ -87,6 +87,13 @@ def become_subreaper() -> None:
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
+def die_with_parent(parent: int) -> None:
+    """SIGKILL this process when `parent` goes, and close the race where it already went."""
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def block_signals() -> None:
     """Block every signal we handle, so none is lost between spawn and handler setup."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {*FORWARDED_SIGNALS, signal.SIGCHLD})

@@ -51,10 +51,6 @@ class ShapeResult:
     def warm_ms(self) -> float | None:
         return self.runs_ms[-1] if len(self.runs_ms) >= 2 else None
 
-    @property
-    def warmed(self) -> bool:
-        return self.status in ("converged", "out_of_repeats")
-
     def as_dict(self) -> dict[str, Any]:
         return {
             "family": self.family,
@@ -143,8 +139,30 @@ def build(settings: WarmupSettings, info: plan.UpstreamInfo) -> plan.Plan:
     )
 
 
+Emit = Callable[[dict[str, Any]], None]
+WARMED = ("converged", "out_of_repeats")
+
+
+async def warm(upstream: Upstream, settings: WarmupSettings, emit: Emit) -> None:
+    """Discover, plan and run, reporting each step to `emit` as a plain dict (see Progress).
+
+    Raises WarmupError when a shape fails or nothing could be warmed.
+    """
+    info, prompts = await discover(upstream, settings)
+    the_plan = build(settings, info)
+    emit(
+        {
+            "event": "plan",
+            "models": [m.id for m in info.models],
+            "shapes": [[s.family, s.model, s.concurrency] for s in the_plan.shapes],
+            "warnings": list(the_plan.warnings),
+        }
+    )
+    await Runner(upstream, the_plan, prompts, settings, emit).run()
+
+
 class Runner:
-    """Executes one plan; `results` fills in as shapes finish (for /status)."""
+    """Executes one plan. It keeps no record: every batch and verdict goes to `emit`."""
 
     def __init__(
         self,
@@ -152,7 +170,7 @@ class Runner:
         the_plan: plan.Plan,
         prompts: Prompts,
         settings: WarmupSettings,
-        observe: Callable[[str, float], None] | None = None,
+        emit: Emit,
     ) -> None:
         self.upstream, self.plan, self.prompts, self.settings = (
             upstream,
@@ -160,57 +178,60 @@ class Runner:
             prompts,
             settings,
         )
-        self.results = [ShapeResult(s.family, s.model, s.concurrency) for s in the_plan.shapes]
-        self._observe = observe
+        self._emit = emit
         self._refused: set[tuple[str, str]] = set()  # (model, feature) the upstream refused
-        self._log = log.get()
 
-    async def run(self) -> list[ShapeResult]:
+    async def run(self) -> None:
         """Every shape in order; raises WarmupError if one fails or nothing was warmed."""
-        began = time.monotonic()
-        for index, (shape, result) in enumerate(zip(self.plan.shapes, self.results, strict=True)):
-            await self._shape(shape, result)
-            self._log_shape(result, index, began)
-            if result.status == "failed":
-                raise WarmupError(f"shape {result.family}: {result.error}")
-        if not any(r.warmed for r in self.results):
+        warmed = False
+        for index, shape in enumerate(self.plan.shapes):
+            status, error = await self._shape(index, shape)
+            self._emit({"event": "shape", "index": index, "status": status, "error": error})
+            if status == "failed":
+                raise WarmupError(f"shape {shape.family}: {error}")
+            warmed = warmed or status in WARMED
+        if not warmed:
             raise WarmupError("nothing was warmed: the upstream refused every shape")
-        return self.results
 
-    async def _shape(self, shape: plan.Shape, result: ShapeResult) -> None:
+    async def _shape(self, index: int, shape: plan.Shape) -> tuple[str, str | None]:
+        """Repeat the shape until it converges: (status, error)."""
         if (shape.model, shape.feature) in self._refused:
-            result.status, result.error = "skipped", f"feature {shape.feature} refused earlier"
-            return
+            return "skipped", f"feature {shape.feature} refused earlier"
         convergence = self.plan.convergence()
         try:
             while True:
-                ms = await self._batch(shape)
-                result.runs_ms.append(ms)
+                ms, each_s = await self._batch(shape)
+                self._emit({"event": "run", "index": index, "ms": ms, "requests_s": each_s})
                 if convergence.record(ms):
                     break
         except _Unsupported as exc:
             self._refused.add((shape.model, shape.feature))
-            result.status, result.error = "skipped", str(exc)
-            self._log.warning(
-                "feature_unsupported", shape=shape.family, feature=shape.feature, error=str(exc)
+            self._emit(
+                {
+                    "event": "unsupported",
+                    "index": index,
+                    "feature": shape.feature,
+                    "error": str(exc),
+                }
             )
-            return
+            return "skipped", str(exc)
         except (WarmupError, httpx.HTTPError, UpstreamError) as exc:
-            result.status, result.error = "failed", str(exc) or type(exc).__name__
-            return
-        result.status = "converged" if convergence.converged else "out_of_repeats"
+            return "failed", str(exc) or type(exc).__name__
+        return ("converged" if convergence.converged else "out_of_repeats"), None
 
-    async def _batch(self, shape: plan.Shape) -> float:
-        """`concurrency` requests of one shape at once, each with a fresh prompt; wall ms."""
+    async def _batch(self, shape: plan.Shape) -> tuple[float, list[float]]:
+        """`concurrency` requests of one shape at once, each with a fresh prompt: the wall
+        ms of the batch, and each request's own seconds."""
         bodies = [
             plan.body_for(shape, self.prompts.for_shape(shape, self.plan.tokens_per_word))
             for _ in range(shape.concurrency)
         ]
         began = time.perf_counter()
-        await asyncio.gather(*(self._one(shape, body) for body in bodies))
-        return (time.perf_counter() - began) * 1000
+        each = await asyncio.gather(*(self._one(shape, body) for body in bodies))
+        return (time.perf_counter() - began) * 1000, list(each)
 
-    async def _one(self, shape: plan.Shape, body: dict[str, Any]) -> None:
+    async def _one(self, shape: plan.Shape, body: dict[str, Any]) -> float:
+        """One request, retried for 5xx, garbage and connection errors: its seconds."""
         last = ""
         for attempt in range(RETRIES):
             if attempt:
@@ -230,15 +251,60 @@ class Runner:
                 raise _Unsupported(f"HTTP {reply.status}: {_error_message(reply)}")
             problem = _invalid(reply)
             if problem is None:
-                if self._observe is not None:
-                    self._observe(shape.family, reply.ms / 1000)
-                return
+                return reply.ms / 1000
             last = problem
         raise WarmupError(f"{last} (after {RETRIES} attempts)")
 
-    def _log_shape(self, result: ShapeResult, index: int, began: float) -> None:
+
+class Progress:
+    """Reads the runner's events: keeps the results for /status, feeds the latency
+    histogram and writes the log lines a person follows (one per shape, with an ETA).
+
+    The events are plain dicts so that they can cross a pipe: `warmgate run` runs the
+    warm-up in a process of its own (warmgate.worker) and reads them there.
+    """
+
+    def __init__(self, observe: Callable[[str, float], None] | None = None) -> None:
+        self.results: list[ShapeResult] = []
+        self.models: list[str] = []
+        self.warnings: list[str] = []
+        self._observe = observe
+        self._began = time.monotonic()
+        self._log = log.get()
+
+    def handle(self, event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if kind == "plan":
+            self._plan(event)
+        elif kind == "run":
+            result = self.results[event["index"]]
+            result.runs_ms.append(event["ms"])
+            if self._observe is not None:
+                for seconds in event["requests_s"]:
+                    self._observe(result.family, seconds)
+        elif kind == "unsupported":
+            self._log.warning(
+                "feature_unsupported",
+                shape=self.results[event["index"]].family,
+                feature=event["feature"],
+                error=event["error"],
+            )
+        elif kind == "shape":
+            result = self.results[event["index"]]
+            result.status, result.error = event["status"], event["error"]
+            self._log_shape(result, event["index"])
+
+    def _plan(self, event: dict[str, Any]) -> None:
+        self.models = list(event["models"])
+        self.warnings += event["warnings"]
+        self.results = [ShapeResult(f, m, c) for f, m, c in event["shapes"]]
+        for warning in event["warnings"]:
+            self._log.warning("plan", note=warning)
+        self._log.info("plan", shapes=len(self.results), models=self.models)
+
+    def _log_shape(self, result: ShapeResult, index: int) -> None:
         done = index + 1
-        elapsed = time.monotonic() - began
+        elapsed = time.monotonic() - self._began
         eta = elapsed / done * (len(self.results) - done)
         self._log.info(
             "shape",
