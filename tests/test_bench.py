@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 from wgutil import run
 
+from warmgate.bench.core import Measured
+from warmgate.bench.main import parse_starts
+
 SIM = "--max-model-len 2048 --time-scale 0.02 --load-seconds 0.5"
 
 
@@ -65,18 +68,50 @@ def test_timeline_order_matches_each_strategy(bench: tuple[int, str, Path]) -> N
 
 
 def test_several_starts_combine_into_the_median(tmp_path: Path) -> None:
-    """`--starts 2`: two fresh upstreams for the strategy, each request's ratio the median
-    (for two, the mean) of its ratios in the two starts."""
-    args = ["bench", "--strategies", "health", "--starts", "2", "--sim-args", SIM,
+    """`--starts 1,health=2`: two fresh upstreams for `health` and one for `none`; each
+    request's ratio the median (for two, the mean) of its ratios in the two starts."""
+    args = ["bench", "--strategies", "none,health", "--starts", "1,health=2", "--sim-args", SIM,
             "--warm-runs", "3", "--out", str(tmp_path)]  # fmt: skip
     code, stdout, stderr = run(args, timeout=300)
     assert code == 0, f"bench failed:\n{stdout[-2000:]}\n{stderr[-2000:]}"
-    assert {p.name for p in tmp_path.glob("*.log")} == {"health.1.log", "health.2.log"}
-    assert "combines 2 starts" in (tmp_path / "report.md").read_text()
-    (row,) = json.loads((tmp_path / "report.json").read_text())
+    logs = {p.name for p in tmp_path.glob("*.log")}
+    assert logs == {"none.log", "health.1.log", "health.2.log"}
+    table = (tmp_path / "report.md").read_text()
+    assert "| none | 1 |" in table and "| health | 2 |" in table
+    none, row = json.loads((tmp_path / "report.json").read_text())
+    assert none["runs"] == []
     assert len(row["runs"]) == 2
     for i, request in enumerate(row["requests"]):
         each = [start["requests"][i]["ratio"] for start in row["runs"]]
         assert request["ratio"] == pytest.approx(sum(each) / 2)
         assert request["ratio"] > 0
     assert row["max_ratio"] == max(r["ratio"] for r in row["requests"])
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("3", {"health": 3, "warmgate": 3}),
+        ("1,warmgate=3", {"health": 1, "warmgate": 3}),
+        ("warmgate=2", {"health": 1, "warmgate": 2}),
+    ],
+)
+def test_starts_spec(spec: str, expected: dict[str, int]) -> None:
+    assert parse_starts(spec, ["health", "warmgate"]) == expected
+
+
+@pytest.mark.parametrize("spec", ["0", "x", "1,bogus=2", "warmgate=0", "1,warmgate="])
+def test_bad_starts_are_one_usage_line(spec: str) -> None:
+    code, stdout, stderr = run(["bench", "--starts", spec], timeout=30)
+    assert code == 2 and stdout == ""
+    assert stderr.count("\n") == 1 and "--starts" in stderr and "Traceback" not in stderr
+
+
+def test_unpinned_output_is_compared_with_warm_runs_of_its_length() -> None:
+    """Structured output ends where the grammar lets it: a first run of 96 tokens is judged
+    against the warm runs of 96 tokens, not against the median of runs that stopped at 4."""
+    m = Measured("json", first_ms=240.0, warm_ms=[242.0, 78.0, 85.0], first_tokens=96)
+    m.warm_tokens = [96, 4, 4]
+    assert m.ratio == pytest.approx(240 / 242)
+    m.warm_tokens = [50, 4, 4]  # none as long: the warm runs' line, kept inside their lengths
+    assert m.length_fitted and m.ratio == pytest.approx(240 / 242)

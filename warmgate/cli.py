@@ -358,11 +358,13 @@ def bench(
         str, _bench_opt("WARMGATE_ARGS", "Extra `warmgate run` options for its strategies.")
     ] = "",
     starts: Annotated[
-        int,
+        str,
         _bench_opt(
-            "STARTS", "Fresh starts per strategy; each request's ratio is the median over them."
+            "STARTS",
+            "Fresh starts per strategy: N, or N,STRATEGY=M,... (e.g. 1,warmgate=3); each "
+            "request's ratio is the median over them.",
         ),
-    ] = 1,
+    ] = "1",
     pin_output: Annotated[
         bool,
         _bench_opt(

@@ -177,6 +177,14 @@ class Measured:
         inside the lengths the warm runs reached (no extrapolation)."""
         if self.first_ms is None or not self.warm_ms:
             return None
+        # Warm runs as long as the first, when some are (always, with pinned output).
+        same = [
+            ms
+            for n, ms in zip(self.warm_tokens, self.warm_ms, strict=False)
+            if n is not None and n == self.first_tokens
+        ]
+        if same:
+            return self.first_ms / statistics.median(same)
         fit = self._fit() if self.length_fitted else None
         if fit is not None and self.first_tokens is not None:
             intercept, slope, fewest, most = fit
@@ -612,10 +620,10 @@ def stop_session(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
 def report(outcomes: Sequence[Outcome]) -> str:
     """Markdown: one summary row per strategy, then first/warm per held-out request."""
     lines = [
-        "| strategy | spawn→healthy s | spawn→Ready s | warm-up s | spawn→first good "
+        "| strategy | starts | spawn→healthy s | spawn→Ready s | warm-up s | spawn→first good "
         "response s | refused before it | max first/warm | noise floor | worst request | "
         "JIT lines after Ready | kernels compiled after Ready (sim) | GPU memory MiB | error |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
     ]
     for o in outcomes:
         warmup = (
@@ -627,18 +635,19 @@ def report(outcomes: Sequence[Outcome]) -> str:
         )
         gpu = o.gpu_memory_bytes / 2**20 if o.gpu_memory_bytes is not None else None
         lines.append(
-            f"| {o.strategy} | {_fmt(o.spawn_to_healthy_s)} | {_fmt(o.spawn_to_ready_s)} | "
+            f"| {o.strategy} | {max(1, len(o.runs))} | {_fmt(o.spawn_to_healthy_s)} | "
+            f"{_fmt(o.spawn_to_ready_s)} | "
             f"{_fmt(warmup)} | {_fmt(o.first_good_s)} | {o.refused_before_good} | "
             f"{_fmt(o.max_ratio, 2)} | {_fmt(o.noise_floor, 2)} | {o.worst} | "
             f"{_fmt(o.jit_after_ready, 0)} | "
             f"{o.compiled_after_ready} | {_fmt(gpu, 0)} | {o.error or ''} |"
         )
-    starts = max((len(o.runs) for o in outcomes), default=0)
-    if starts > 1:
+    if any(len(o.runs) > 1 for o in outcomes):
         lines += [
             "",
-            f"Each row combines {starts} starts: the median of each time, and of each request's",
-            "first/warm ratio over the starts (max first/warm and noise floor are taken over those).",
+            "A row of several starts combines them: the median of each time, and of each",
+            "request's first/warm ratio over the starts (max first/warm and noise floor are",
+            "taken over those).",
         ]
     names = [m.name for m in outcomes[0].requests] if outcomes else []
     if names:

@@ -30,7 +30,7 @@ def bench_main(
     warmgate_args: str,
     out: Path | None,
     pin_output: bool = True,
-    starts: int = 1,
+    starts: str = "1",
 ) -> int:
     chosen = [s.strip() for s in strategies.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in STRATEGIES]
@@ -40,8 +40,7 @@ def bench_main(
         raise WarmgateError("the plan strategy needs --plan FILE")
     if plan is not None and not plan.is_file():
         raise WarmgateError(f"--plan {plan}: no such file")
-    if starts < 1:
-        raise WarmgateError(f"--starts {starts}: must be at least 1")
+    counts = parse_starts(starts, chosen)
     if command:
         upstream = command_upstream(command, "vLLM" if "vllm" in command else "--command")
     else:
@@ -51,7 +50,8 @@ def bench_main(
     outcomes: list[Outcome] = []
     for strategy in chosen:
         runs = []
-        for start in range(1, starts + 1):
+        several = counts[strategy] > 1
+        for start in range(1, counts[strategy] + 1):
             run = asyncio.run(
                 run_strategy(
                     strategy,
@@ -61,12 +61,12 @@ def bench_main(
                     warmgate_args=shlex.split(warmgate_args),
                     log_dir=out,
                     pin_output=pin_output,
-                    log_name=f"{strategy}.log" if starts == 1 else f"{strategy}.{start}.log",
+                    log_name=f"{strategy}.{start}.log" if several else f"{strategy}.log",
                 )
             )
             runs.append(run)
             print(
-                f"# {strategy}{'' if starts == 1 else f' start {start}'}: ready in "
+                f"# {strategy}{f' start {start}' if several else ''}: ready in "
                 f"{run.spawn_to_ready_s or 0:.1f} s, max first/warm {run.max_ratio or 0:.2f}",
                 flush=True,
             )
@@ -80,3 +80,23 @@ def bench_main(
         if not timeline(outcomes, out / "timeline.png", title):
             print("# no chart: pip install 'warmgate[chart]' for matplotlib", flush=True)
     return 0 if all(o.error is None for o in outcomes) else 1
+
+
+def parse_starts(spec: str, strategies: list[str]) -> dict[str, int]:
+    """`--starts`: N for every strategy, or N,STRATEGY=M,... (e.g. `1,warmgate=3`)."""
+    counts: dict[str, int] = {}
+    default = 1
+    try:
+        for item in filter(None, (part.strip() for part in spec.split(","))):
+            name, _, value = item.rpartition("=")
+            if name and name not in STRATEGIES:
+                raise ValueError(f"unknown strategy {name!r}")
+            if int(value) < 1:
+                raise ValueError("a count must be at least 1")
+            if name:
+                counts[name] = int(value)
+            else:
+                default = int(value)
+    except ValueError as exc:
+        raise WarmgateError(f"--starts {spec!r}: {exc} (e.g. 3, or 1,warmgate=3)") from None
+    return {s: counts.get(s, default) for s in strategies}
