@@ -1,6 +1,6 @@
 """Probe-server and gate timing benchmark (issue 4's performance goals), side by side in one run.
 
-    .venv/bin/python scripts/bench_probe.py [--seconds 5]
+    .venv/bin/python scripts/bench_probe.py [--seconds 5] [--time-scale 0.25]
 
 Prints four figures:
 1. idle throughput of warmgate's probe server vs a minimal uvloop + h11 server (the same
@@ -196,6 +196,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each throughput run")
+    parser.add_argument(
+        "--time-scale",
+        default="0.25",
+        help="the simulator's --time-scale during the warm-up: lower is a shorter warm-up "
+        "with more requests per second",
+    )
     args = parser.parse_args()
 
     # 1. idle throughput, side by side
@@ -233,7 +239,7 @@ def main() -> None:
         sim_port,
         "--health-interval",
         "0.25",
-        sim_extra=("--load-seconds", "3", "--time-scale", "0.25"),
+        sim_extra=("--load-seconds", "3", "--time-scale", args.time_scale),
     )
     try:
         wait_listening(probe_port)
