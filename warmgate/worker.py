@@ -79,7 +79,11 @@ class Worker:
         """Send the settings, then yield each event up to `done` (which is not yielded:
         it returns normally when the warm-up succeeded and raises otherwise)."""
         try:
-            await asyncio.to_thread(self._send, pickle.dumps(settings))
+            # The sending thread owns the pipe from here on, so that kill() can never close
+            # its fd under it; a killed worker ends the write with EPIPE.
+            stdin, self._stdin = self._stdin, None
+            if stdin is not None:
+                await asyncio.to_thread(_send, stdin, pickle.dumps(settings))
             async with contextlib.aclosing(self._read()) as events:
                 async for event in events:
                     if event.get("event") == "done":
@@ -90,16 +94,6 @@ class Worker:
             raise WorkerFailed(f"the warm-up worker (pid {self.pid}) ended without a verdict")
         finally:
             self.kill()
-
-    def _send(self, data: bytes) -> None:
-        assert self._stdin is not None
-        try:
-            with open(self._stdin, "wb", closefd=True) as pipe:
-                pipe.write(data)
-        except BrokenPipeError:
-            pass  # it died at start: the read below sees the end and says so
-        finally:
-            self._stdin = None
 
     async def _read(self) -> AsyncGenerator[dict[str, Any], None]:
         loop = asyncio.get_running_loop()
@@ -129,6 +123,15 @@ class Worker:
         if self._stdin is not None:
             os.close(self._stdin)
             self._stdin = None
+
+
+def _send(fd: int, data: bytes) -> None:
+    """Write the settings and close the worker's stdin."""
+    try:
+        with open(fd, "wb", closefd=True) as pipe:
+            pipe.write(data)
+    except BrokenPipeError:
+        pass  # it died at start: the read sees the end and says so
 
 
 # --- the worker's side --------------------------------------------------------------------
