@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from wgutil import run
 
-from warmgate.bench.core import Measured
+from warmgate.bench.core import Measured, Outcome, combine
 from warmgate.bench.main import parse_starts
 
 SIM = "--max-model-len 2048 --time-scale 0.02 --load-seconds 0.5"
@@ -115,3 +115,22 @@ def test_unpinned_output_is_compared_with_warm_runs_of_its_length() -> None:
     assert m.ratio == pytest.approx(240 / 242)
     m.warm_tokens = [50, 4, 4]  # none as long: the warm runs' line, kept inside their lengths
     assert m.length_fitted and m.ratio == pytest.approx(240 / 242)
+
+
+def test_a_combined_row_never_reads_start_medians_as_runs() -> None:
+    """Structured output has no warm-as-first ratio in a start (its runs differ in length).
+    Combined, its warm_ms are the starts' warm medians: judging the first start's median
+    against the others' is no noise floor (it made one at 1.70 where every start was <= 1.43)."""
+    starts = []
+    for warm in ([352.0, 300.0, 310.0], [240.0, 230.0, 250.0], [175.0, 180.0, 170.0]):
+        m = Measured("json", first_ms=warm[0], warm_ms=warm, first_tokens=96)
+        m.warm_tokens = [96, 4, 4]
+        steady = Measured("chat", first_ms=100.0, warm_ms=[100.0, 100.0, 110.0])
+        starts.append(Outcome("warmgate", requests=[m, steady]))
+    assert starts[0].requests[0].warm_ratio is None
+    row = combine(starts)
+    assert row.requests[0].warm_ratio is None
+    assert row.noise_floor == pytest.approx(1.0 / 1.05)
+    assert row.requests[0].ratio == pytest.approx(1.0)  # each start: 96 tokens against 96
+    empty = combine([Outcome("health", requests=[Measured("x", error="HTTP 500")])] * 2)
+    assert empty.requests[0].ratio is None and empty.max_ratio is None
