@@ -275,15 +275,12 @@ def combine(runs: Sequence[Outcome]) -> Outcome:
     if len(runs) == 1:
         return runs[0]
 
-    def median(values: Iterable[float | None]) -> float | None:
-        return _median([v for v in values if v is not None])
-
     first = runs[0]
     out = Outcome(
         first.strategy,
-        median(r.spawn_to_healthy_s for r in runs),
-        median(r.spawn_to_ready_s for r in runs),
-        median(r.first_good_s for r in runs),
+        _median(r.spawn_to_healthy_s for r in runs),
+        _median(r.spawn_to_ready_s for r in runs),
+        _median(r.first_good_s for r in runs),
         round(statistics.median(r.refused_before_good for r in runs)),
         max((r.jit_after_ready for r in runs if r.jit_after_ready is not None), default=None),
         max((r.gpu_memory_bytes for r in runs if r.gpu_memory_bytes is not None), default=None),
@@ -295,7 +292,7 @@ def combine(runs: Sequence[Outcome]) -> Outcome:
         out.requests.append(
             Measured(
                 request.name,
-                first_ms=median(m.first_ms for m in same),
+                first_ms=_median(m.first_ms for m in same),
                 warm_ms=[w for m in same if (w := m.warm_median) is not None],
                 compiled_after_ready=sorted({k for m in same for k in m.compiled_after_ready}),
                 error=next((m.error for m in same if m.error), None),
@@ -306,8 +303,10 @@ def combine(runs: Sequence[Outcome]) -> Outcome:
     return out
 
 
-def _median(values: Sequence[float]) -> float | None:
-    return statistics.median(values) if values else None
+def _median(values: Iterable[float | None]) -> float | None:
+    """The median of the known values; None when there are none."""
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
 
 
 def free_port() -> int:
