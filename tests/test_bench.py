@@ -14,7 +14,7 @@ import pytest
 from wgutil import run
 
 from warmgate.bench.core import Measured, Outcome, combine
-from warmgate.bench.main import parse_starts
+from warmgate.bench.main import per_strategy
 
 SIM = "--max-model-len 2048 --time-scale 0.02 --load-seconds 0.5"
 
@@ -69,17 +69,21 @@ def test_timeline_order_matches_each_strategy(bench: tuple[int, str, Path]) -> N
 
 def test_several_starts_combine_into_the_median(tmp_path: Path) -> None:
     """`--starts 1,health=2`: two fresh upstreams for `health` and one for `none`; each
-    request's ratio the median (for two, the mean) of its ratios in the two starts."""
+    request's ratio the median (for two, the mean) of its ratios in the two starts.
+    `--warm-runs 2,health=3`: each request runs warm twice under `none`, three times under
+    `health`."""
     args = ["bench", "--strategies", "none,health", "--starts", "1,health=2", "--sim-args", SIM,
-            "--warm-runs", "3", "--out", str(tmp_path)]  # fmt: skip
+            "--warm-runs", "2,health=3", "--out", str(tmp_path)]  # fmt: skip
     code, stdout, stderr = run(args, timeout=300)
     assert code == 0, f"bench failed:\n{stdout[-2000:]}\n{stderr[-2000:]}"
     logs = {p.name for p in tmp_path.glob("*.log")}
     assert logs == {"none.log", "health.1.log", "health.2.log"}
     table = (tmp_path / "report.md").read_text()
-    assert "| none | 1 |" in table and "| health | 2 |" in table
+    assert "| none | 1 | 2 |" in table and "| health | 2 | 3 |" in table
     none, row = json.loads((tmp_path / "report.json").read_text())
     assert none["runs"] == []
+    assert {len(r["warm_ms"]) for r in none["requests"]} == {2}
+    assert {len(r["warm_ms"]) for start in row["runs"] for r in start["requests"]} == {3}
     assert len(row["runs"]) == 2
     for i, request in enumerate(row["requests"]):
         each = [start["requests"][i]["ratio"] for start in row["runs"]]
@@ -96,15 +100,16 @@ def test_several_starts_combine_into_the_median(tmp_path: Path) -> None:
         ("warmgate=2", {"health": 1, "warmgate": 2}),
     ],
 )
-def test_starts_spec(spec: str, expected: dict[str, int]) -> None:
-    assert parse_starts(spec, ["health", "warmgate"]) == expected
+def test_per_strategy_spec(spec: str, expected: dict[str, int]) -> None:
+    assert per_strategy("--starts", spec, ["health", "warmgate"], default=1) == expected
 
 
+@pytest.mark.parametrize("option", ["--starts", "--warm-runs"])
 @pytest.mark.parametrize("spec", ["0", "x", "1,bogus=2", "warmgate=0", "1,warmgate="])
-def test_bad_starts_are_one_usage_line(spec: str) -> None:
-    code, stdout, stderr = run(["bench", "--starts", spec], timeout=30)
+def test_bad_counts_are_one_usage_line(option: str, spec: str) -> None:
+    code, stdout, stderr = run(["bench", option, spec], timeout=30)
     assert code == 2 and stdout == ""
-    assert stderr.count("\n") == 1 and "--starts" in stderr and "Traceback" not in stderr
+    assert stderr.count("\n") == 1 and option in stderr and "Traceback" not in stderr
 
 
 def test_unpinned_output_is_compared_with_warm_runs_of_its_length() -> None:

@@ -352,8 +352,13 @@ def bench(
     ] = "none,health,warmup.sh,warmgate",
     plan: Annotated[Path | None, _bench_opt("PLAN", "The user plan of the plan strategy.")] = None,
     warm_runs: Annotated[
-        int, _bench_opt("WARM_RUNS", "Warm runs per held-out request (median).")
-    ] = 5,
+        str,
+        _bench_opt(
+            "WARM_RUNS",
+            "Warm runs per held-out request (their median): N, or N,STRATEGY=M,... "
+            "(e.g. 3,warmgate=5).",
+        ),
+    ] = "5",
     warmgate_args: Annotated[
         str, _bench_opt("WARMGATE_ARGS", "Extra `warmgate run` options for its strategies.")
     ] = "",

@@ -242,6 +242,7 @@ class Outcome:
     requests: list[Measured] = field(default_factory=list)
     error: str | None = None
     runs: list[Outcome] = field(default_factory=list)  # the starts `combine` made this of
+    warm_runs: int = 0  # per held-out request and start
 
     @property
     def max_ratio(self) -> float | None:
@@ -286,6 +287,7 @@ def combine(runs: Sequence[Outcome]) -> Outcome:
         max((r.gpu_memory_bytes for r in runs if r.gpu_memory_bytes is not None), default=None),
         error=next((r.error for r in runs if r.error), None),
         runs=list(runs),
+        warm_runs=first.warm_runs,
     )
     for i, request in enumerate(first.requests):
         same = [r.requests[i] for r in runs if i < len(r.requests)]
@@ -328,7 +330,7 @@ async def run_strategy(
     log_name: str | None = None,
 ) -> Outcome:
     """One fresh upstream under one strategy: time to Ready, then the held-out mix."""
-    outcome = Outcome(strategy)
+    outcome = Outcome(strategy, warm_runs=warm_runs)
     port = free_port()
     probe_port = free_port() if strategy in ("warmgate", "plan") else None
     argv = upstream.command(port)
@@ -624,10 +626,10 @@ def stop_session(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
 def report(outcomes: Sequence[Outcome]) -> str:
     """Markdown: one summary row per strategy, then first/warm per held-out request."""
     lines = [
-        "| strategy | starts | spawn→healthy s | spawn→Ready s | warm-up s | spawn→first good "
+        "| strategy | starts | warm runs | spawn→healthy s | spawn→Ready s | warm-up s | spawn→first good "
         "response s | refused before it | max first/warm | noise floor | worst request | "
         "JIT lines after Ready | kernels compiled after Ready (sim) | GPU memory MiB | error |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
     ]
     for o in outcomes:
         warmup = (
@@ -639,7 +641,7 @@ def report(outcomes: Sequence[Outcome]) -> str:
         )
         gpu = o.gpu_memory_bytes / 2**20 if o.gpu_memory_bytes is not None else None
         lines.append(
-            f"| {o.strategy} | {max(1, len(o.runs))} | {_fmt(o.spawn_to_healthy_s)} | "
+            f"| {o.strategy} | {max(1, len(o.runs))} | {o.warm_runs} | {_fmt(o.spawn_to_healthy_s)} | "
             f"{_fmt(o.spawn_to_ready_s)} | "
             f"{_fmt(warmup)} | {_fmt(o.first_good_s)} | {o.refused_before_good} | "
             f"{_fmt(o.max_ratio, 2)} | {_fmt(o.noise_floor, 2)} | {o.worst} | "

@@ -20,13 +20,15 @@ from warmgate.bench.core import (
 )
 from warmgate.errors import WarmgateError
 
+WARM_RUNS = 5  # `--warm-runs` for strategies it leaves out
+
 
 def bench_main(
     command: str | None,
     sim_args: str,
     strategies: str,
     plan: Path | None,
-    warm_runs: int,
+    warm_runs: str,
     warmgate_args: str,
     out: Path | None,
     pin_output: bool = True,
@@ -40,7 +42,8 @@ def bench_main(
         raise WarmgateError("the plan strategy needs --plan FILE")
     if plan is not None and not plan.is_file():
         raise WarmgateError(f"--plan {plan}: no such file")
-    counts = parse_starts(starts, chosen)
+    counts = per_strategy("--starts", starts, chosen, default=1)
+    warm = per_strategy("--warm-runs", warm_runs, chosen, default=WARM_RUNS)
     if command:
         upstream = command_upstream(command, "vLLM" if "vllm" in command else "--command")
     else:
@@ -57,7 +60,7 @@ def bench_main(
                     strategy,
                     upstream,
                     plan=plan,
-                    warm_runs=warm_runs,
+                    warm_runs=warm[strategy],
                     warmgate_args=shlex.split(warmgate_args),
                     log_dir=out,
                     pin_output=pin_output,
@@ -82,10 +85,10 @@ def bench_main(
     return 0 if all(o.error is None for o in outcomes) else 1
 
 
-def parse_starts(spec: str, strategies: list[str]) -> dict[str, int]:
-    """`--starts`: N for every strategy, or N,STRATEGY=M,... (e.g. `1,warmgate=3`)."""
+def per_strategy(option: str, spec: str, strategies: list[str], default: int) -> dict[str, int]:
+    """`--starts`, `--warm-runs`: N for every strategy, or N,STRATEGY=M,... (`1,warmgate=3`);
+    strategies the spec leaves out get `default`."""
     counts: dict[str, int] = {}
-    default = 1
     try:
         for item in filter(None, (part.strip() for part in spec.split(","))):
             name, _, value = item.rpartition("=")
@@ -98,5 +101,5 @@ def parse_starts(spec: str, strategies: list[str]) -> dict[str, int]:
             else:
                 default = int(value)
     except ValueError as exc:
-        raise WarmgateError(f"--starts {spec!r}: {exc} (e.g. 3, or 1,warmgate=3)") from None
+        raise WarmgateError(f"{option} {spec!r}: {exc} (e.g. 3, or 3,warmgate=5)") from None
     return {s: counts.get(s, default) for s in strategies}
