@@ -1,6 +1,6 @@
 """Probe-server and gate timing benchmark (issue 4's performance goals), side by side in one run.
 
-    .venv/bin/python scripts/bench_probe.py [--seconds 5] [--time-scale 0.25]
+    .venv/bin/python scripts/bench_probe.py [--seconds 5] [--time-scale 0.25] [--features F,...]
 
 Prints four figures:
 1. idle throughput of warmgate's probe server vs a minimal uvloop + h11 server (the same
@@ -202,6 +202,11 @@ def main() -> None:
         help="the simulator's --time-scale during the warm-up: lower is a shorter warm-up "
         "with more requests per second",
     )
+    parser.add_argument(
+        "--features",
+        help="the warm-up plan's --features (default: all): fewer is a shorter warm-up at the "
+        "same request rate; the figures above need only its first seconds",
+    )
     args = parser.parse_args()
 
     # 1. idle throughput, side by side
@@ -239,6 +244,7 @@ def main() -> None:
         sim_port,
         "--health-interval",
         "0.25",
+        *(("--features", args.features) if args.features else ()),
         sim_extra=("--load-seconds", "3", "--time-scale", args.time_scale),
     )
     try:
