@@ -216,14 +216,13 @@ def test_unknown_context_assumes_2048_and_warns() -> None:
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("features", ("beam",), "unknown feature 'beam'"),
         ("endpoints", ("responses",), "unknown endpoint"),
-        ("concurrency", (0,), "concurrency"),
-        ("converge", 1.5, "converge"),
+        ("stream", (), "stream"),
+        ("min_prompt_tokens", 0, "min_prompt_tokens"),
         ("max_repeats", 1, "min_repeats"),
     ],
 )
-def test_bad_settings_name_the_setting(field: str, value: object, message: str) -> None:
+def test_bad_plan_settings_name_the_setting(field: str, value: object, message: str) -> None:
     with pytest.raises(PlanError, match=message):
         PlanSettings(**{field: value})  # type: ignore[arg-type]
 

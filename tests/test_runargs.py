@@ -1,4 +1,4 @@
-"""`warmgate run`'s stdlib option reader agrees with the typer command it stands in for."""
+"""`warmgate run`'s stdlib option reader reads as the typer command it stands in for."""
 
 from __future__ import annotations
 
@@ -6,53 +6,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
-import typer
 
-from warmgate import cli, config, plan, runargs, supervisor
-from warmgate.config import RunSettings
-
-
-def _typer_params() -> tuple[list[Any], Any]:
-    command = typer.main.get_command(cli.app).commands["run"]  # type: ignore[attr-defined]
-    return [p for p in command.params if p.name != "command"], command
-
-
-KINDS = {"str": str, "int": int, "float": float, "path": Path, "list": list[str]}
-
-
-def test_options_are_the_typer_commands_options() -> None:
-    params, command = _typer_params()
-    assert [p.name for p in params] == [o.name for o in runargs.OPTIONS]
-    ctx = command.context_class(command)
-    for param, option in zip(params, runargs.OPTIONS, strict=True):
-        assert param.opts == [option.flag], option.name
-        assert param.envvar == option.envvar, option.name
-        assert param.multiple == (option.kind == "list"), option.name
-        default = param.get_default(ctx)
-        annotation = param.type_descriptor.annotation
-        if option.kind == "choice":
-            assert [m.value for m in annotation] == list(option.choices), option.name
-            assert default.value == option.default, option.name
-            continue
-        assert default == option.default, option.name
-        if option.kind in ("flag", "switch"):
-            assert annotation is bool, option.name
-            negated = ["--no-" + option.flag[2:]] if option.kind == "flag" else []
-            assert param.secondary_opts == negated, option.name
-        else:
-            assert annotation == KINDS[option.kind], option.name
-
-
-def test_envvars_are_the_ones_typer_removes_from_the_child() -> None:
-    params, _ = _typer_params()
-    assert list(runargs.ENVVARS) == [p.envvar for p in params]
-
-
-def test_feature_names_are_the_plans() -> None:
-    assert config.FEATURES == plan.FEATURES
+from warmgate import cli, options, runargs, supervisor
+from warmgate.config import RunSettings, run_settings
 
 
 def _typer_settings(
@@ -64,7 +22,7 @@ def _typer_settings(
         captured.append(settings)
         return 0
 
-    monkeypatch.setattr(supervisor, "run", fake_supervise)
+    monkeypatch.setattr(supervisor, "supervise", fake_supervise)
     with monkeypatch.context() as m:
         for key in [k for k in os.environ if k.startswith("WARMGATE_")]:
             m.delenv(key)
@@ -128,7 +86,7 @@ def test_reads_as_typer_does(
 ) -> None:
     params = runargs.parse(args, env)
     assert params is not None
-    assert runargs.run_settings(params) == _typer_settings(args, env, monkeypatch)
+    assert run_settings(params) == _typer_settings(args, env, monkeypatch)
 
 
 def test_every_option_and_every_variable_read_as_typer_does(
@@ -137,11 +95,11 @@ def test_every_option_and_every_variable_read_as_typer_does(
     args = [*_every_option(tmp_path), "--", "cmd"]
     params = runargs.parse(args, {})
     assert params is not None
-    assert runargs.run_settings(params) == _typer_settings(args, {}, monkeypatch)
+    assert run_settings(params) == _typer_settings(args, {}, monkeypatch)
     env = _every_variable(tmp_path)
     params = runargs.parse(["cmd"], env)
     assert params is not None
-    assert runargs.run_settings(params) == _typer_settings(["cmd"], env, monkeypatch)
+    assert run_settings(params) == _typer_settings(["cmd"], env, monkeypatch)
 
 
 def test_a_plan_file_reads_as_typer_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -153,7 +111,7 @@ def test_a_plan_file_reads_as_typer_does(tmp_path: Path, monkeypatch: pytest.Mon
     ):
         params = runargs.parse(args, env)
         assert params is not None
-        assert runargs.run_settings(params) == _typer_settings(args, env, monkeypatch)
+        assert run_settings(params) == _typer_settings(args, env, monkeypatch)
 
 
 UNSURE: list[tuple[str, list[str], dict[str, str]]] = [
@@ -185,21 +143,21 @@ def test_invalid_settings_go_to_typer_for_the_error(monkeypatch: pytest.MonkeyPa
     def must_not_run(settings: RunSettings, own_vars: object) -> int:
         raise AssertionError("supervised despite invalid settings")
 
-    monkeypatch.setattr(supervisor, "run", must_not_run)
-    assert runargs.run(["--converge", "2", "cmd"], {}) is None
-    assert runargs.run(["--port", "1"], {}) is None  # no command
+    monkeypatch.setattr(supervisor, "supervise", must_not_run)
+    assert runargs.run_without_typer(["--converge", "2", "cmd"], {}) is None
+    assert runargs.run_without_typer(["--port", "1"], {}) is None  # no command
 
 
 HEAVY = ("typer", "pydantic", "asyncio", "structlog", "httpx", "prometheus_client", "warmgate.plan")
 
 
 def test_nothing_heavy_is_imported_before_the_spawn() -> None:
-    """The fast path reaches supervisor.run with typer, pydantic, asyncio and structlog unloaded."""
+    """The fast path reaches supervisor.supervise with typer, pydantic, asyncio and structlog unloaded."""
     script = (
         "import sys\n"
         "from warmgate import runargs, supervisor\n"
-        f"supervisor.run = lambda s, v: print(sorted(m for m in {HEAVY!r} if m in sys.modules)) or 0\n"
-        "sys.exit(runargs.run(['--', 'true'], {}))\n"
+        f"supervisor.supervise = lambda s, v: print(sorted(m for m in {HEAVY!r} if m in sys.modules)) or 0\n"
+        "sys.exit(runargs.run_without_typer(['--', 'true'], {}))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
@@ -219,5 +177,5 @@ def test_help_still_comes_from_typer_and_names_every_env_var_whole() -> None:
     assert out.returncode == 0, out.stderr
     assert "…" not in out.stdout
     words = set(out.stdout.replace(";", " ").replace("]", " ").split())
-    for option in runargs.OPTIONS:
+    for option in options.for_command("run"):
         assert option.flag in words and option.envvar in words, option.name

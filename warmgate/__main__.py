@@ -11,7 +11,7 @@ def main() -> None:
     if argv[:1] == ["run"]:  # spawn the child before typer and pydantic load (issue 8)
         from warmgate import runargs
 
-        code = runargs.run(argv[1:], os.environ)
+        code = runargs.run_without_typer(argv[1:], os.environ)
         if code is not None:
             sys.exit(code)
     from warmgate.cli import main as cli_main

@@ -1,21 +1,25 @@
 """The command line: argument parsing only; every command hands off to its module.
 
-Each option is also read from WARMGATE_<OPTION>; `warmgate run` removes those
+Each command's options are warmgate/options.py's rows, turned into the signature typer
+reads; each is also read from its WARMGATE_* variable, and `warmgate run` removes those
 variables from its child's environment.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from warmgate import __version__
+from warmgate import __version__, options
+from warmgate.config import run_settings, warmup_settings
 from warmgate.errors import Exit, WarmgateError
-from warmgate.runargs import ALL_FEATURES, fail, run_settings, warmup_settings
+from warmgate.runargs import ENVVARS, fail
 
 app = typer.Typer(
     add_completion=False,
@@ -31,10 +35,6 @@ python -m vllm.entrypoints.openai.api_server, warmgate sim): /ready then answers
 the upstream is healthy and warmed up. The first argument that is not an option ends
 warmgate's options; `--` is accepted.
 """
-
-
-def _env(name: str) -> str:
-    return f"WARMGATE_{name}"
 
 
 def _version(value: bool) -> None:
@@ -56,254 +56,93 @@ def _root(
         raise typer.Exit(Exit.USAGE)
 
 
-class LogLevel(StrEnum):
-    debug = "debug"
-    info = "info"
-    warning = "warning"
-    error = "error"
+# --- options: from the table to typer ------------------------------------------------------
+
+_TYPES: dict[options.Kind, Any] = {
+    "str": str,
+    "int": int,
+    "float": float,
+    "path": Path,
+    "flag": bool,
+    "switch": bool,
+    "list": list[str],
+}
 
 
-class LogFormat(StrEnum):
-    auto = "auto"
-    json = "json"
-    console = "console"
+def _parameter(row: options.Option) -> inspect.Parameter:
+    """`name: Annotated[type, typer.Option(...)] = default`, as typer reads a parameter."""
+    default = row.default
+    if row.kind == "choice":  # an enum gives typer's <a|b> metavar and its error for others
+        choices = StrEnum(row.name, {c: c for c in row.choices})  # type: ignore[misc]
+        hint, default = choices, choices(default)
+    else:
+        hint = _TYPES[row.kind]
+        if default is None and not row.required:
+            hint = hint | None
+    decls = [row.flag] if row.kind == "switch" else []  # a switch has no --no-X
+    info = typer.Option(*decls, envvar=row.envvar, help=row.help or None)
+    return inspect.Parameter(
+        row.name,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=inspect.Parameter.empty if row.required else default,
+        annotation=Annotated[hint, info],
+    )
 
 
-class OnFailure(StrEnum):
-    fail = "fail"
-    ready = "ready"
+_Callback = Callable[..., int]
 
 
-# Options shared by `run` and `warmup`, declared once. `warmgate run` reads its options without
-# typer when it can (warmgate/runargs.py, which tests hold to these declarations).
-Upstream = Annotated[
-    str | None,
-    typer.Option(
-        envvar=_env("UPSTREAM"), help="Upstream URL; default: the child's own --host/--port."
-    ),
-]
-Model = Annotated[
-    list[str] | None,
-    typer.Option(
-        envvar=_env("MODEL"), help="Warm only this served model (repeatable); default: all."
-    ),
-]
-ApiKey = Annotated[
-    str | None,
-    typer.Option(
-        envvar=_env("API_KEY"),
-        show_default=False,
-        help="Bearer key for the upstream; else VLLM_API_KEY, else the child's --api-key. Never logged.",
-    ),
-]
-HealthPath = Annotated[str, typer.Option(envvar=_env("HEALTH_PATH"), help="Upstream health path.")]
-PlanFile = Annotated[
-    Path | None,
-    typer.Option(
-        "--plan", envvar=_env("PLAN"), help="TOML plan that extends or replaces the default plan."
-    ),
-]
-Converge = Annotated[
-    float,
-    typer.Option(
-        envvar=_env("CONVERGE"),
-        help="A shape is warm when a run is within this fraction of the last.",
-    ),
-]
-MaxRepeats = Annotated[
-    int, typer.Option(envvar=_env("MAX_REPEATS"), help="Most runs per shape (running out warns).")
-]
-MaxTokens = Annotated[
-    int, typer.Option(envvar=_env("MAX_TOKENS"), help="max_tokens of warm-up requests.")
-]
-Concurrency = Annotated[
-    str,
-    typer.Option(
-        envvar=_env("CONCURRENCY"), help="Concurrency buckets: requests in flight at once."
-    ),
-]
-Features = Annotated[
-    str,
-    typer.Option(
-        envvar=_env("FEATURES"),
-        help="Sampling features to warm (comma list); drop what clients never send.",
-    ),
-]
-MaxInflightTokens = Annotated[
-    int,
-    typer.Option(
-        envvar=_env("MAX_INFLIGHT_TOKENS"), help="Cap on prompt tokens x concurrency of one shape."
-    ),
-]
-WarmupTimeout = Annotated[
-    float, typer.Option(envvar=_env("WARMUP_TIMEOUT"), help="Seconds the whole warm-up may take.")
-]
-RequestTimeout = Annotated[
-    float,
-    typer.Option(envvar=_env("REQUEST_TIMEOUT"), help="Seconds one warm-up request may take."),
-]
-LogLevelOpt = Annotated[LogLevel, typer.Option(envvar=_env("LOG_LEVEL"))]
-LogFormatOpt = Annotated[
-    LogFormat,
-    typer.Option(envvar=_env("LOG_FORMAT"), help="auto: JSON lines unless stderr is a terminal."),
-]
+def _with_options(
+    command: options.Command, *first: inspect.Parameter
+) -> Callable[[_Callback], _Callback]:
+    """Give `func(ctx, **params)` the signature typer reads: `first`, then the table's options."""
+
+    def give(func: _Callback) -> _Callback:
+        ctx = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+        rows = [_parameter(row) for row in options.for_command(command)]
+        signature = inspect.Signature([ctx, *first, *rows], return_annotation=int)
+        func.__signature__ = signature  # type: ignore[attr-defined]
+        func.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
+        return func
+
+    return give
 
 
-@app.command(context_settings={"allow_interspersed_args": False}, help=_RUN_HELP)
-def run(
-    ctx: typer.Context,
-    command: Annotated[
-        list[str] | None, typer.Argument(metavar="CMD [ARGS]...", show_default=False)
-    ] = None,
-    stop_timeout: Annotated[
-        float,
-        typer.Option(
-            envvar=_env("STOP_TIMEOUT"),
-            help="Seconds from SIGTERM to SIGKILL of the child's group.",
-        ),
-    ] = 10.0,
-    signal_group: Annotated[
-        bool,
-        typer.Option(
-            envvar=_env("SIGNAL_GROUP"), help="Forward signals to the child's whole process group."
-        ),
-    ] = False,
-    log_level: LogLevelOpt = LogLevel.info,
-    log_format: LogFormatOpt = LogFormat.auto,
-    upstream: Upstream = None,
-    no_warmup: Annotated[
-        bool,
-        typer.Option(
-            "--no-warmup", envvar=_env("NO_WARMUP"), help="Plain-init mode even for a known server."
-        ),
-    ] = False,
-    host: Annotated[
-        str,
-        typer.Option(
-            envvar=_env("HOST"), help="Probe server address (the kubelet probes the pod IP)."
-        ),
-    ] = "0.0.0.0",
-    port: Annotated[
-        int,
-        typer.Option(
-            envvar=_env("PORT"), help="Probe server port: /ready /live /startup /status /metrics."
-        ),
-    ] = 8080,
-    health_path: HealthPath = "/health",
-    health_interval: Annotated[
-        float,
-        typer.Option(envvar=_env("HEALTH_INTERVAL"), help="Seconds between upstream health polls."),
-    ] = 0.25,
-    startup_timeout: Annotated[
-        float,
-        typer.Option(
-            envvar=_env("STARTUP_TIMEOUT"),
-            help="Seconds the upstream may take to turn healthy (exit 69).",
-        ),
-    ] = 1200.0,
-    model: Model = None,
-    api_key: ApiKey = None,
-    plan: PlanFile = None,
-    converge: Converge = 0.10,
-    max_repeats: MaxRepeats = 5,
-    max_tokens: MaxTokens = 16,
-    concurrency: Concurrency = "1,4,16,64",
-    features: Features = ALL_FEATURES,
-    max_inflight_tokens: MaxInflightTokens = 131_072,
-    warmup_timeout: WarmupTimeout = 900.0,
-    request_timeout: RequestTimeout = 120.0,
-    on_warmup_failure: Annotated[
-        OnFailure,
-        typer.Option(
-            envvar=_env("ON_WARMUP_FAILURE"),
-            help="fail: exit 70 (pod restarts); ready: serve anyway.",
-        ),
-    ] = OnFailure.fail,
-    unhealthy_threshold: Annotated[
-        int,
-        typer.Option(
-            envvar=_env("UNHEALTHY_THRESHOLD"),
-            help="Failed health polls after Ready before /ready is 503.",
-        ),
-    ] = 3,
-    live_grace: Annotated[
-        float,
-        typer.Option(
-            envvar=_env("LIVE_GRACE"), help="Seconds unhealthy after Ready before /live is 503."
-        ),
-    ] = 300.0,
-    drain_min: Annotated[
-        float,
-        typer.Option(
-            envvar=_env("DRAIN_MIN"),
-            help="Least seconds between SIGTERM and stopping (endpoint propagation).",
-        ),
-    ] = 5.0,
-    drain_timeout: Annotated[
-        float | None,
-        typer.Option(
-            envvar=_env("DRAIN_TIMEOUT"), help="Most seconds to drain; default: grace - stop - 2."
-        ),
-    ] = None,
-    grace_period: Annotated[
-        float,
-        typer.Option(envvar=_env("GRACE_PERIOD"), help="The pod's terminationGracePeriodSeconds."),
-    ] = 30.0,
-    cache_dir: Annotated[
-        Path | None,
-        typer.Option(
-            envvar=_env("CACHE_DIR"),
-            help="Volume for the engine's compile caches (kept across restarts).",
-        ),
-    ] = None,
-    cache_key: Annotated[
-        str | None,
-        typer.Option(
-            envvar=_env("CACHE_KEY"),
-            help="Extra cache key, e.g. the image tag (with command line and GPU).",
-        ),
-    ] = None,
-    inflight_metric: Annotated[
-        list[str] | None,
-        typer.Option(
-            envvar=_env("INFLIGHT_METRIC"),
-            help="Upstream gauge of requests in flight (repeatable); default: vLLM's.",
-        ),
-    ] = None,
-) -> int:
+def _argument(
+    name: str, annotation: Any, default: Any = inspect.Parameter.empty
+) -> inspect.Parameter:
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation
+    )
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+@app.command("run", context_settings={"allow_interspersed_args": False}, help=_RUN_HELP)
+@_with_options(
+    "run",
+    _argument(
+        "command",
+        Annotated[list[str] | None, typer.Argument(metavar="CMD [ARGS]...", show_default=False)],
+        None,
+    ),
+)
+def run_command(ctx: typer.Context, **_: Any) -> int:
     settings = run_settings(ctx.params)
-    own_vars = [p.envvar for p in ctx.command.params if isinstance(p.envvar, str)]
-    from warmgate.supervisor import run as supervise
+    from warmgate.supervisor import supervise
 
-    return supervise(settings, own_vars)
+    return supervise(settings, ENVVARS)
 
 
 @app.command()
-def warmup(
-    ctx: typer.Context,
-    upstream: Annotated[
-        str, typer.Option(envvar=_env("UPSTREAM"), help="URL of the running server.")
-    ],
-    model: Model = None,
-    api_key: ApiKey = None,
-    health_path: HealthPath = "/health",
-    plan: PlanFile = None,
-    converge: Converge = 0.10,
-    max_repeats: MaxRepeats = 5,
-    max_tokens: MaxTokens = 16,
-    concurrency: Concurrency = "1,4,16,64",
-    features: Features = ALL_FEATURES,
-    max_inflight_tokens: MaxInflightTokens = 131_072,
-    warmup_timeout: WarmupTimeout = 900.0,
-    request_timeout: RequestTimeout = 120.0,
-    log_level: LogLevelOpt = LogLevel.info,
-    log_format: LogFormatOpt = LogFormat.auto,
-) -> int:
+@_with_options("warmup")
+def warmup(ctx: typer.Context, **_: Any) -> int:
     """Warm up an already running server once (init containers, manual use): exit 0 when warm, 1 when not."""
     from warmgate.oneshot import warm_once
 
     settings = warmup_settings(ctx.params)
-    return warm_once(settings, log_level.value, log_format.value)
+    return warm_once(settings, str(ctx.params["log_level"]), str(ctx.params["log_format"]))
 
 
 class ProbeName(StrEnum):
@@ -313,83 +152,24 @@ class ProbeName(StrEnum):
 
 
 @app.command()
-def probe(
-    which: Annotated[ProbeName, typer.Argument(help="ready, live or startup")],
-    port: Annotated[int, typer.Option(envvar=_env("PORT"), help="warmgate's probe port.")] = 8080,
-    host: Annotated[
-        str, typer.Option(envvar=_env("PROBE_HOST"), help="Address to probe.")
-    ] = "127.0.0.1",
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 2.0,
-) -> int:
+@_with_options(
+    "probe", _argument("which", Annotated[ProbeName, typer.Argument(help="ready, live or startup")])
+)
+def probe(ctx: typer.Context, **_: Any) -> int:
     """Exec-probe client for images without curl: exit 0 on 200, 1 otherwise."""
     from warmgate.probe import check
 
-    return check(host, port, f"/{which.value}", timeout)
-
-
-def _bench_opt(name: str, help_text: str) -> Any:
-    return typer.Option(envvar=_env(f"BENCH_{name}"), help=help_text)
+    params = ctx.params
+    return check(params["host"], params["port"], f"/{params['which'].value}", params["timeout"])
 
 
 @app.command()
-def bench(
-    command: Annotated[
-        str | None,
-        _bench_opt(
-            "COMMAND",
-            "Server command line to benchmark (host/port appended); default: warmgate sim.",
-        ),
-    ] = None,
-    sim_args: Annotated[str, _bench_opt("SIM_ARGS", "Arguments for the simulator.")] = (
-        "--max-model-len 2048 --time-scale 0.05 --load-seconds 2"
-    ),
-    strategies: Annotated[
-        str,
-        _bench_opt(
-            "STRATEGIES",
-            "Comma list of none, health, warmup.sh, warmgate, plan (plan needs --plan).",
-        ),
-    ] = "none,health,warmup.sh,warmgate",
-    plan: Annotated[Path | None, _bench_opt("PLAN", "The user plan of the plan strategy.")] = None,
-    warm_runs: Annotated[
-        str,
-        _bench_opt(
-            "WARM_RUNS",
-            "Warm runs per held-out request (their median): N, or N,STRATEGY=M,... "
-            "(e.g. 3,warmgate=5).",
-        ),
-    ] = "5",
-    warmgate_args: Annotated[
-        str, _bench_opt("WARMGATE_ARGS", "Extra `warmgate run` options for its strategies.")
-    ] = "",
-    starts: Annotated[
-        str,
-        _bench_opt(
-            "STARTS",
-            "Fresh starts per strategy: N, or N,STRATEGY=M,... (e.g. 1,warmgate=3); each "
-            "request's ratio is the median over them.",
-        ),
-    ] = "1",
-    pin_output: Annotated[
-        bool,
-        _bench_opt(
-            "PIN_OUTPUT",
-            "Send min_tokens = max_tokens, so first and warm runs generate as many tokens.",
-        ),
-    ] = True,
-    out: Annotated[
-        Path | None,
-        _bench_opt(
-            "OUT", "Directory for report.md, report.json, timeline.png and the servers' logs."
-        ),
-    ] = None,
-) -> int:
+@_with_options("bench")
+def bench(ctx: typer.Context, **_: Any) -> int:
     """Compare readiness strategies side by side: time to Ready and first/warm ratios of the held-out mix."""
     from warmgate.bench.main import bench_main
 
-    return bench_main(
-        command, sim_args, strategies, plan, warm_runs, warmgate_args, out, pin_output, starts
-    )
+    return bench_main(**ctx.params)
 
 
 def _register_sim() -> None:

@@ -3,123 +3,74 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from warmgate import options
 from warmgate.errors import WarmgateError
+from warmgate.options import DEFAULT_INFLIGHT_METRICS as DEFAULT_INFLIGHT_METRICS
+from warmgate.options import OnWarmupFailure
 
 if TYPE_CHECKING:  # the plan module loads after the child is spawned
     from warmgate.plan import PlanFileSpec
 
-# The sampling features a plan can warm: warmgate.plan.FEATURES (a test holds them equal),
-# named here so that validating the settings does not import the plan.
-FEATURES = ("greedy", "sampling", "penalties", "seed", "n", "logprobs", "prompt_logprobs", "json")
-ON_WARMUP_FAILURE = ("fail", "ready")
-# vLLM's gauges of requests it holds; SGLang users pass theirs with --inflight-metric.
-DEFAULT_INFLIGHT_METRICS = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+# Every default is the option table's (warmgate/options.py); so is every check.
+_DEFAULT = options.DEFAULTS
 
 
 @dataclass(frozen=True, slots=True)
 class WarmupSettings:
     """How to warm an upstream up: shared by `warmgate run` and `warmgate warmup`."""
 
-    upstream: str | None = None
-    models: tuple[str, ...] = ()
-    api_key: str | None = None
-    health_path: str = "/health"
-    plan: PlanFileSpec | None = None  # the parsed --plan file (read_plan)
-    converge: float = 0.10
-    max_repeats: int = 5
-    max_tokens: int = 16
-    concurrency: tuple[int, ...] = (1, 4, 16, 64)
-    features: tuple[str, ...] = FEATURES
-    max_inflight_tokens: int = 131_072
-    warmup_timeout: float = 900.0
-    request_timeout: float = 120.0
+    upstream: str | None = _DEFAULT["upstream"]
+    models: tuple[str, ...] = _DEFAULT["models"]
+    api_key: str | None = _DEFAULT["api_key"]
+    health_path: str = _DEFAULT["health_path"]
+    plan: PlanFileSpec | None = _DEFAULT["plan"]  # the parsed --plan file (read_plan)
+    converge: float = _DEFAULT["converge"]
+    max_repeats: int = _DEFAULT["max_repeats"]
+    max_tokens: int = _DEFAULT["max_tokens"]
+    concurrency: tuple[int, ...] = _DEFAULT["concurrency"]
+    features: tuple[str, ...] = _DEFAULT["features"]
+    max_inflight_tokens: int = _DEFAULT["max_inflight_tokens"]
+    warmup_timeout: float = _DEFAULT["warmup_timeout"]
+    request_timeout: float = _DEFAULT["request_timeout"]
 
     def __post_init__(self) -> None:
-        _require(
-            0 < self.converge < 1,
-            f"--converge {self.converge} must be between 0 and 1 (0.1 = 10 %)",
-        )
-        _require(self.max_repeats >= 2, f"--max-repeats {self.max_repeats} must be >= 2")
-        _require(self.max_tokens >= 1, f"--max-tokens {self.max_tokens} must be >= 1")
-        _require(bool(self.concurrency), "--concurrency needs at least one bucket, e.g. 1,4,16,64")
-        _require(
-            all(c >= 1 for c in self.concurrency),
-            f"--concurrency {self.concurrency}: buckets must be >= 1",
-        )
-        unknown = sorted(set(self.features) - set(FEATURES))
-        _require(
-            not unknown,
-            f"--features: unknown {', '.join(unknown)}; choose from {','.join(FEATURES)}",
-        )
-        _require(bool(self.features), f"--features needs at least one of {','.join(FEATURES)}")
-        _require(
-            self.max_inflight_tokens >= 1,
-            f"--max-inflight-tokens {self.max_inflight_tokens} must be >= 1",
-        )
-        _require(self.warmup_timeout > 0, f"--warmup-timeout {self.warmup_timeout} must be > 0")
-        _require(self.request_timeout > 0, f"--request-timeout {self.request_timeout} must be > 0")
-        _require(
-            self.health_path.startswith("/"),
-            f"--health-path {self.health_path!r} must start with /",
-        )
-        if self.upstream is not None:
-            _require(
-                self.upstream.startswith(("http://", "https://")),
-                f"--upstream {self.upstream!r} must be a URL such as http://127.0.0.1:8000",
-            )
+        _check(self)
 
 
 @dataclass(frozen=True, slots=True)
 class RunSettings:
     command: tuple[str, ...]
-    stop_timeout: float = 10.0
-    signal_group: bool = False
-    log_level: str = "info"
-    log_format: str = "auto"
+    stop_timeout: float = _DEFAULT["stop_timeout"]
+    signal_group: bool = _DEFAULT["signal_group"]
+    log_level: str = _DEFAULT["log_level"]
+    log_format: str = _DEFAULT["log_format"]
     # warm-up mode
     warmup: WarmupSettings = field(default_factory=WarmupSettings)
-    no_warmup: bool = False
-    host: str = "0.0.0.0"
-    port: int = 8080
-    health_interval: float = 0.25
-    startup_timeout: float = 1200.0
-    on_warmup_failure: str = "fail"
-    unhealthy_threshold: int = 3
-    live_grace: float = 300.0
+    no_warmup: bool = _DEFAULT["no_warmup"]
+    host: str = _DEFAULT["host"]
+    port: int = _DEFAULT["port"]
+    health_interval: float = _DEFAULT["health_interval"]
+    startup_timeout: float = _DEFAULT["startup_timeout"]
+    on_warmup_failure: OnWarmupFailure = _DEFAULT["on_warmup_failure"]
+    unhealthy_threshold: int = _DEFAULT["unhealthy_threshold"]
+    live_grace: float = _DEFAULT["live_grace"]
     # drain
-    drain_min: float = 5.0
-    drain_timeout: float | None = None
-    grace_period: float = 30.0
-    inflight_metrics: tuple[str, ...] = DEFAULT_INFLIGHT_METRICS
+    drain_min: float = _DEFAULT["drain_min"]
+    drain_timeout: float | None = _DEFAULT["drain_timeout"]
+    grace_period: float = _DEFAULT["grace_period"]
+    inflight_metrics: tuple[str, ...] = _DEFAULT["inflight_metrics"]
     # compile caches that survive restarts
-    cache_dir: Path | None = None
-    cache_key: str | None = None
+    cache_dir: Path | None = _DEFAULT["cache_dir"]
+    cache_key: str | None = _DEFAULT["cache_key"]
 
     def __post_init__(self) -> None:
-        _require(
-            bool(self.command), "no command given (usage: warmgate run [OPTIONS] -- CMD [ARGS...])"
-        )
-        _require(self.stop_timeout >= 0, f"--stop-timeout {self.stop_timeout} must be >= 0")
-        _require(0 <= self.port <= 65535, f"--port {self.port} is not a TCP port")
-        _require(self.health_interval > 0, f"--health-interval {self.health_interval} must be > 0")
-        _require(self.startup_timeout > 0, f"--startup-timeout {self.startup_timeout} must be > 0")
-        _require(
-            self.on_warmup_failure in ON_WARMUP_FAILURE,
-            f"--on-warmup-failure {self.on_warmup_failure!r}: use fail or ready",
-        )
-        _require(
-            self.unhealthy_threshold >= 1,
-            f"--unhealthy-threshold {self.unhealthy_threshold} must be >= 1",
-        )
-        _require(self.live_grace >= 0, f"--live-grace {self.live_grace} must be >= 0")
-        _require(self.drain_min >= 0, f"--drain-min {self.drain_min} must be >= 0")
-        _require(self.grace_period > 0, f"--grace-period {self.grace_period} must be > 0")
-        if self.drain_timeout is not None:
-            _require(self.drain_timeout >= 0, f"--drain-timeout {self.drain_timeout} must be >= 0")
+        if not self.command:
+            raise WarmgateError("no command given (usage: warmgate run [OPTIONS] -- CMD [ARGS...])")
+        _check(self)
 
     @property
     def drain_deadline(self) -> float:
@@ -174,21 +125,34 @@ def read_plan(path: Path) -> PlanFileSpec:
         raise WarmgateError(f"--plan {path}: {exc}") from None
 
 
-def parse_list(text: str) -> tuple[str, ...]:
-    """'a, b,c' -> ('a', 'b', 'c')."""
-    return tuple(part.strip() for part in text.split(",") if part.strip())
+def warmup_settings(params: Mapping[str, Any]) -> WarmupSettings:
+    """The warm-up settings from the options `run` and `warmup` share (typer's ctx.params or
+    runargs.parse), with the --plan file read and checked."""
+    values = _values(WarmupSettings, params)
+    if values["plan"] is not None:
+        values["plan"] = read_plan(values["plan"])
+    return WarmupSettings(**values)
 
 
-def parse_buckets(text: str) -> tuple[int, ...]:
-    """'1,4,16,64' -> (1, 4, 16, 64), with an error that names the flag."""
+def run_settings(params: Mapping[str, Any]) -> RunSettings:
+    """`warmgate run`'s settings from its parameters (typer's ctx.params or runargs.parse)."""
+    return RunSettings(
+        command=tuple(params["command"] or ()),
+        warmup=warmup_settings(params),
+        **_values(RunSettings, params),
+    )
+
+
+def _values(
+    settings: type[RunSettings | WarmupSettings], params: Mapping[str, Any]
+) -> dict[str, Any]:
     try:
-        return tuple(int(part) for part in text.replace(" ", "").split(",") if part)
-    except ValueError:
-        raise WarmgateError(
-            f"--concurrency {text!r}: use comma-separated integers such as 1,4,16,64"
-        ) from None
+        return options.settings_values(params, (f.name for f in fields(settings)))
+    except options.OptionError as exc:
+        raise WarmgateError(str(exc)) from None
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise WarmgateError(message)
+def _check(settings: RunSettings | WarmupSettings) -> None:
+    problem = options.first_problem({f.name: getattr(settings, f.name) for f in fields(settings)})
+    if problem is not None:
+        raise WarmgateError(problem)

@@ -9,9 +9,6 @@ import logging
 import sys
 from typing import Any
 
-LEVELS = ("debug", "info", "warning", "error")
-FORMATS = ("auto", "json", "console")
-
 
 def configure(level: str = "info", fmt: str = "auto") -> None:
     """One event per line on stderr, with stable keys (`event`, `phase`, `shape`, `ms`, ...)."""

@@ -34,6 +34,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from warmgate.options import DEFAULTS, FEATURES
+
 __all__ = [
     "DEFAULT_TOKENS_PER_WORD",
     "ENDPOINTS",
@@ -77,8 +79,8 @@ ENDPOINTS: dict[str, str] = {
 _GENERATE = ("completions", "chat")
 _POOLING_ENDPOINT = {"embed": "embeddings", "classify": "classify"}  # model kind -> endpoint
 
-# Sampling feature -> body fields (completions, chat). Each one takes a different path
-# through the sampler or the output processor.
+# Sampling feature (warmgate.options.FEATURES) -> body fields (completions, chat). Each one
+# takes a different path through the sampler or the output processor.
 _FEATURE_FIELDS: dict[str, tuple[Body, Body]] = {
     "greedy": ({"temperature": 0.0}, {"temperature": 0.0}),
     "sampling": (
@@ -98,11 +100,11 @@ _FEATURE_FIELDS: dict[str, tuple[Body, Body]] = {
         {"response_format": {"type": "json_object"}},
     ),
 }
-FEATURES: tuple[str, ...] = tuple(_FEATURE_FIELDS)
 _NO_STREAM_FEATURES = frozenset({"prompt_logprobs"})  # vLLM: not available with stream=True
 
 DEFAULT_TOKENS_PER_WORD = 1.5  # on the high side, so text prompts come out short, not long
 DEFAULT_MAX_MODEL_LEN = 2048  # when neither the upstream nor the settings say
+MIN_REPEATS = 2  # runs a shape needs before it can count as converged
 _TEMPLATE_TOKENS = 32  # room for the chat template / special tokens around text prompts
 _TEXT_SLACK = 0.10  # text prompts miss their target by up to this much
 
@@ -190,42 +192,35 @@ class PlanFileSpec:
 
 @dataclass(frozen=True)
 class PlanSettings:
-    """Everything about the plan that comes from flags, env or the plan file."""
+    """Everything about the plan that comes from flags, env or the plan file.
 
-    max_tokens: int = 16
-    concurrency: tuple[int, ...] = (1, 4, 16, 64)
+    The fields that are options of `warmgate run` (max_tokens, concurrency, features, ...)
+    take their defaults from warmgate.options and arrive checked by its rules (config's
+    settings run them); only the plan's own fields are checked here.
+    """
+
+    max_tokens: int = DEFAULTS["max_tokens"]
+    concurrency: tuple[int, ...] = DEFAULTS["concurrency"]
     min_prompt_tokens: int = 4
-    max_inflight_tokens: int = 131_072  # prompt tokens x concurrency, per shape
-    features: tuple[str, ...] = FEATURES
+    max_inflight_tokens: int = DEFAULTS["max_inflight_tokens"]  # prompt tokens x concurrency
+    features: tuple[str, ...] = DEFAULTS["features"]
     endpoints: tuple[str, ...] = _GENERATE  # for generating models
     stream: tuple[bool, ...] = (False, True)
-    models: tuple[str, ...] = ()  # empty: every model the upstream serves
+    models: tuple[str, ...] = DEFAULTS["models"]  # empty: every model the upstream serves
     max_model_len: int | None = None  # caps the upstream's value (or stands in for it)
-    converge: float = 0.10
-    min_repeats: int = 2
-    max_repeats: int = 5
+    converge: float = DEFAULTS["converge"]
+    min_repeats: int = MIN_REPEATS
+    max_repeats: int = DEFAULTS["max_repeats"]
     plan_file: PlanFileSpec | None = None
 
     def __post_init__(self) -> None:
-        _check(self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}")
-        _check(
-            bool(self.concurrency) and all(c >= 1 for c in self.concurrency),
-            f"concurrency buckets must be >= 1, got {self.concurrency}",
-        )
         _check(
             self.min_prompt_tokens >= 1,
             f"min_prompt_tokens must be >= 1, got {self.min_prompt_tokens}",
         )
-        _check(
-            self.max_inflight_tokens >= 1,
-            f"max_inflight_tokens must be >= 1, got {self.max_inflight_tokens}",
-        )
-        for name in self.features:
-            _check(name in _FEATURE_FIELDS, f"unknown feature {name!r}; use {_or(FEATURES)}")
         for name in self.endpoints:
             _check(name in _GENERATE, f"unknown endpoint {name!r}; use {_or(_GENERATE)}")
         _check(bool(self.stream), "stream needs at least one of false, true")
-        _check(0 < self.converge < 1, f"converge must be in (0, 1), got {self.converge}")
         _check(
             1 <= self.min_repeats <= self.max_repeats,
             f"need 1 <= min_repeats <= max_repeats, got {self.min_repeats}, {self.max_repeats}",
@@ -266,9 +261,9 @@ class Plan:
     shapes: tuple[Shape, ...]
     warnings: tuple[str, ...] = ()
     tokens_per_word: float = DEFAULT_TOKENS_PER_WORD  # for prompt_text
-    converge: float = 0.10
-    min_repeats: int = 2
-    max_repeats: int = 5
+    converge: float = DEFAULTS["converge"]
+    min_repeats: int = MIN_REPEATS
+    max_repeats: int = DEFAULTS["max_repeats"]
 
     def convergence(self) -> Convergence:
         """A fresh convergence tracker for one shape."""
@@ -753,7 +748,12 @@ class Convergence:
     One run is one batch of `concurrency` requests; record its wall time.
     """
 
-    def __init__(self, tolerance: float = 0.10, min_runs: int = 2, max_runs: int = 5) -> None:
+    def __init__(
+        self,
+        tolerance: float = DEFAULTS["converge"],
+        min_runs: int = MIN_REPEATS,
+        max_runs: int = DEFAULTS["max_repeats"],
+    ) -> None:
         if not 0 < tolerance < 1 or not 1 <= min_runs <= max_runs:
             raise ValueError(
                 f"bad convergence rule: tolerance={tolerance}, "

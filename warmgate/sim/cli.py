@@ -7,17 +7,12 @@ The main CLI registers this with `app.command("sim")(sim_command)`.
 from __future__ import annotations
 
 import sys
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-
-class OnSigterm(StrEnum):
-    abort = "abort"
-    hang = "hang"
-    drain = "drain"
+from warmgate.sim.settings import OnSigterm
 
 
 def _opt(name: str, help_text: str) -> Any:

@@ -5,12 +5,22 @@ from __future__ import annotations
 import json
 import tomllib
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from warmgate.sim.costs import PROFILES, CostTable, table_from_mapping
 
-SIGTERM_MODES = ("abort", "hang", "drain")
+
+class OnSigterm(StrEnum):
+    """What the simulated server does on SIGTERM (`--on-sigterm`)."""
+
+    abort = "abort"
+    hang = "hang"
+    drain = "drain"
+
+
+SIGTERM_MODES = tuple(mode.value for mode in OnSigterm)
 VERSION = "0.32.0+warmgate.sim"  # what GET /version answers
 
 
