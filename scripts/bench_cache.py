@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,17 +26,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from warmgate.bench.core import stop_session
+from warmgate.bench.core import Stop, free_port, stop_session
 
 ROOT = Path(__file__).resolve().parent.parent
 # A short warm-up: both starts run the same one, so the difference is the engine's own start.
 WARMUP = ("--features", "greedy,logprobs", "--concurrency", "1,4", "--max-repeats", "2")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def get(port: int, path: str) -> tuple[int, Any]:
@@ -74,7 +67,7 @@ def one_start(
             ready = time.monotonic() - began
             _, status_body = get(probe, "/status")
         finally:
-            stop_session(proc, timeout=60)
+            stop_session(proc, Stop(timeout_s=60.0))
     return {"healthy_s": healthy, "ready_s": ready, "cache": status_body["cache"]}
 
 

@@ -25,7 +25,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,8 @@ from typing import Any
 
 import psutil
 
+from warmgate.bench.core import free_port
+
 BIN = Path(sys.executable).parent
 WARMGATE = str(BIN / "warmgate")
 EXEC_GOAL_MS = 300.0
@@ -47,12 +48,6 @@ INSTALL = {
     "tini": "apt-get install -y tini   (Debian package)",
     "dumb-init": f"{BIN / 'pip'} install dumb-init   (PyPI; or: pip install '.[bench]')",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def supervisors() -> dict[str, list[str]]:

@@ -32,14 +32,10 @@ from typing import Any
 import h11
 import uvloop
 
+from warmgate.bench.core import free_port
+
 REQUEST = b"GET /ready HTTP/1.1\r\nHost: bench\r\n\r\n"
 REQUEST_CLOSE = b"GET /ready HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- the reference: the smallest sensible uvloop + h11 server ---------------------------

@@ -383,7 +383,7 @@ def check_ports(row: Row, manifest: Manifest) -> None:
 
 @dataclass(slots=True)
 class Options:
-    upstream: core.Upstream
+    upstream: core.ServerRecipe
     request: HeldoutRequest
     model: str  # used only when /v1/models does not answer
     time_scale: float = 1.0

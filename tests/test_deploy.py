@@ -14,7 +14,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from typing import Any
 import pytest
 import typer
 import yaml
+from wgutil import free_port
 
 from warmgate import cache, cli, probe, servers, supervisor
 from warmgate.config import RunSettings
@@ -377,17 +377,11 @@ def test_caches_live_on_a_shared_volume(monkeypatch: pytest.MonkeyPatch) -> None
 # --- the simulator image's command, run for real ---------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def sim_container(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, str]]]:
     """Dockerfile.sim's ENTRYPOINT + CMD and ENV, run here: free ports, no simulated sleeping,
     and a one-feature, one-bucket warm-up (the plan's breadth is not what this tests)."""
-    probe_port, api_port = _free_port(), _free_port()
+    probe_port, api_port = free_port(), free_port()
     argv = [*_exec_form(SIM_IMAGE, "ENTRYPOINT"), *_exec_form(SIM_IMAGE, "CMD")]
     argv = [str(BIN / "warmgate") if w == "warmgate" else w for w in argv]
     argv[argv.index("--port") + 1] = str(api_port)

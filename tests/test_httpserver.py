@@ -1,8 +1,8 @@
 """warmgate.httpserver over real sockets on 127.0.0.1 (port 0), driven by raw bytes.
 
-Behaviour both flavours share runs against each: `start_server` (async handler, streams),
-`start_sync_server` (plain function, protocol) on asyncio's loop and on uvloop's, which the
-probe server uses."""
+Behaviour both kinds of handler share runs against each: `start_server` (an async handler in
+a task) and `start_sync_server` (a plain function called inside `data_received`), on asyncio's
+loop and on uvloop's, which the simulator and the probe server use."""
 
 from __future__ import annotations
 
@@ -29,16 +29,23 @@ CLOSING_GET = b"GET / HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n"
 WAIT_S = 3.0  # bound on every wait; a healthy run needs milliseconds
 
 
-FLAVOURS = ("streams", "sync", "sync-uvloop")
+FLAVOURS = ("async", "async-uvloop", "sync", "sync-uvloop")
+ASYNC_FLAVOURS = tuple(f for f in FLAVOURS if f.startswith("async"))
 
 
-def run(coro: Coroutine[Any, Any, None], flavour: str = "streams") -> None:
+def run(coro: Coroutine[Any, Any, None], flavour: str = "async") -> None:
     runner = uvloop.run if flavour.endswith("uvloop") else asyncio.run
     runner(asyncio.wait_for(coro, 15))
 
 
 @pytest.fixture(params=FLAVOURS)
 def flavour(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(params=ASYNC_FLAVOURS)
+def async_flavour(request: pytest.FixtureRequest) -> str:
+    """Only `start_server` takes a handler that awaits (streamed bodies, slow handlers)."""
     return str(request.param)
 
 
@@ -74,7 +81,6 @@ async def serving(flavour: str, answer: SyncHandler = echo, **limits: Any) -> As
 
 @contextlib.asynccontextmanager
 async def serving_async(handler: Callable[[Request], Awaitable[Response]]) -> AsyncIterator[Server]:
-    """Only `start_server` takes a handler that awaits (streamed bodies, slow handlers)."""
     server = await start_server(handler, "127.0.0.1", 0)
     try:
         yield server
@@ -126,6 +132,13 @@ class Client:
 
     def close(self) -> None:
         self.writer.close()
+
+
+async def until(check: Callable[[], bool]) -> None:
+    """Wait for a state inside the server that no byte on the wire shows."""
+    async with asyncio.timeout(WAIT_S):
+        while not check():
+            await asyncio.sleep(0.01)
 
 
 async def raw_exchange(server: Server, data: bytes) -> bytes:
@@ -205,7 +218,7 @@ def test_head_sends_headers_only(flavour: str) -> None:
     run(scenario(), flavour)
 
 
-def test_streamed_body_arrives_chunk_by_chunk() -> None:
+def test_streamed_body_arrives_chunk_by_chunk(async_flavour: str) -> None:
     first_seen = asyncio.Event()
 
     async def chunks() -> AsyncIterator[bytes]:
@@ -230,7 +243,7 @@ def test_streamed_body_arrives_chunk_by_chunk() -> None:
             assert second.data == b"data: two\n\n"
             assert isinstance(await client.event(), h11.EndOfMessage)
 
-    run(scenario())
+    run(scenario(), async_flavour)
 
 
 @pytest.mark.parametrize(
@@ -323,7 +336,7 @@ def test_handler_error_gives_500_and_the_server_keeps_serving(flavour: str) -> N
     run(scenario(), flavour)
 
 
-def test_client_disconnect_cancels_the_stream() -> None:
+def test_client_disconnect_cancels_the_stream(async_flavour: str) -> None:
     cancelled = asyncio.Event()
 
     async def forever() -> AsyncIterator[bytes]:
@@ -349,10 +362,10 @@ def test_client_disconnect_cancels_the_stream() -> None:
             while server.connection_count:
                 await asyncio.sleep(0.01)
 
-    run(scenario())
+    run(scenario(), async_flavour)
 
 
-def test_client_disconnect_cancels_a_slow_handler() -> None:
+def test_client_disconnect_cancels_a_slow_handler(async_flavour: str) -> None:
     cancelled = asyncio.Event()
 
     async def handler(request: Request) -> Response:
@@ -372,7 +385,7 @@ def test_client_disconnect_cancels_a_slow_handler() -> None:
             await asyncio.wait_for(cancelled.wait(), WAIT_S)
             await asyncio.wait_for(server.wait_connections_closed(), WAIT_S)
 
-    run(scenario())
+    run(scenario(), async_flavour)
 
 
 def test_expect_100_continue_gets_100_then_the_answer(flavour: str) -> None:
@@ -393,15 +406,15 @@ def test_expect_100_continue_gets_100_then_the_answer(flavour: str) -> None:
     run(scenario(), flavour)
 
 
-def test_sync_server_times_a_slow_body_out_too() -> None:
+def test_a_slow_body_times_out_too(flavour: str) -> None:
     async def scenario() -> None:
-        async with serving("sync", header_timeout=0.2) as server:
+        async with serving(flavour, header_timeout=0.2) as server:
             head = b"POST /slow HTTP/1.1\r\nhost: t\r\ncontent-length: 10\r\n\r\nabc"
             received = await raw_exchange(server, head)
             assert received.startswith(b"HTTP/1.1 408 ")
             await asyncio.wait_for(server.wait_connections_closed(), WAIT_S)
 
-    run(scenario(), "sync")
+    run(scenario(), flavour)
 
 
 def test_sync_handler_with_a_streamed_body_gets_500() -> None:
@@ -470,3 +483,115 @@ def test_serves_on_a_socket_the_caller_bound(flavour: str) -> None:
         run(start_server(async_echo, "127.0.0.1"))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="port"):
         run(start_sync_server(echo, "127.0.0.1"))  # type: ignore[arg-type]
+
+
+def test_a_request_sent_during_a_slow_answer_waits_its_turn(async_flavour: str) -> None:
+    """Bytes of the next request that arrive while a handler still answers are kept (and
+    reading stops) until that answer is out; then the next request is served."""
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def handler(request: Request) -> Response:
+        if request.path == "/slow":
+            started.set()
+            await asyncio.wait_for(release.wait(), WAIT_S)
+        return Response.text(request.path)
+
+    async def scenario() -> None:
+        async with serving_async(handler) as server:
+            client = await Client.open(server)
+            client.send("GET", "/slow")
+            await asyncio.wait_for(started.wait(), WAIT_S)
+            client.writer.write(b"GET /next HTTP/1.1\r\nhost: t\r\n\r\n")
+            await until(lambda: any(conn._pipelined for conn in server._connections))
+            release.set()
+            assert (await client.response())[1] == b"/slow"
+            client.h11.start_next_cycle()
+            assert (await client.response())[1] == b"/next"
+            client.close()
+
+    run(scenario(), async_flavour)
+
+
+def test_a_stream_waits_for_a_client_that_does_not_read(async_flavour: str) -> None:
+    """Flow control: while the client reads nothing, the body's iterator is not asked for
+    more than the socket buffers hold; once it reads, every byte arrives."""
+    chunk, total = b"x" * 65536, 512  # 32 MiB, far beyond what the kernel buffers
+    produced = 0
+
+    async def chunks() -> AsyncIterator[bytes]:
+        nonlocal produced
+        for _ in range(total):
+            produced += 1
+            yield chunk
+
+    async def handler(request: Request) -> Response:
+        return Response(200, chunks())
+
+    async def scenario() -> None:
+        async with serving_async(handler) as server:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", server.port))
+            reader, writer = await asyncio.open_connection(sock=sock)
+            writer.write(CLOSING_GET)
+            await until(lambda: any(conn._drained is not None for conn in server._connections))
+            assert produced < total
+            received = await asyncio.wait_for(reader.read(), WAIT_S * 5)
+            assert produced == total
+            _, _, body = received.partition(b"\r\n\r\n")
+            assert body.count(b"x") == total * len(chunk)
+            assert body.endswith(b"\r\n0\r\n\r\n")  # the chunked body's end
+            writer.close()
+
+    run(scenario(), async_flavour)
+
+
+def test_a_stream_that_fails_cuts_the_connection(async_flavour: str) -> None:
+    """Once the head is out a 500 is impossible: the client sees the body end early."""
+
+    async def failing() -> AsyncIterator[bytes]:
+        yield b"first"
+        raise RuntimeError("the engine died")
+
+    async def handler(request: Request) -> Response:
+        if request.path == "/fail":
+            return Response(200, failing())
+        return Response.text("fine")
+
+    async def scenario() -> None:
+        async with serving_async(handler) as server:
+            received = await raw_exchange(server, b"GET /fail HTTP/1.1\r\nhost: t\r\n\r\n")
+            assert received.startswith(b"HTTP/1.1 200 ") and b"first" in received
+            assert not received.endswith(b"\r\n0\r\n\r\n")
+            ok = await raw_exchange(server, CLOSING_GET)
+            assert ok.startswith(b"HTTP/1.1 200 ")
+
+    run(scenario(), async_flavour)
+
+
+def test_a_stream_in_flight_at_close_ends_with_the_connection(async_flavour: str) -> None:
+    """`close` lets a stream in flight finish; the keep-alive connection then closes."""
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"one"
+        started.set()
+        await asyncio.wait_for(release.wait(), WAIT_S)
+        yield b"two"
+
+    async def handler(request: Request) -> Response:
+        return Response(200, chunks())
+
+    async def scenario() -> None:
+        server = await start_server(handler, "127.0.0.1", 0)
+        client = await Client.open(server)
+        client.send("GET", "/stream")
+        await asyncio.wait_for(started.wait(), WAIT_S)
+        server.close()
+        release.set()
+        _, body = await client.response()
+        assert body == b"onetwo"
+        assert await client.closed_by_server()
+        await asyncio.wait_for(server.wait_connections_closed(), WAIT_S)
+
+    run(scenario(), async_flavour)

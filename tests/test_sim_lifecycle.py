@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from simutil import Sim, cost, free_port, poll, refused, run_sim, sse_events
+from simutil import Sim, cost, poll, refused, run_sim, sse_events
+from wgutil import free_port
 
 LONG = {"prompt": "tell me everything", "max_tokens": 3000, "ignore_eos": True}
 

@@ -6,10 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from warmgate.bench.core import free_port as free_port  # the tests' import of it
 
 CHILDREN = Path(__file__).parent / "children"
 WARMGATE = [sys.executable, "-m", "warmgate"]
@@ -41,14 +44,31 @@ def run(args: Sequence[str], timeout: float = 30, **kw: Any) -> tuple[int, str, 
 
 
 def events(stderr: str) -> list[dict[str, Any]]:
-    """The JSON log lines of warmgate's stderr, in order (child output lines are skipped)."""
+    """The JSON log records of warmgate's stderr, in order (child text lines are skipped)."""
+    return [record for line in stderr.splitlines() for record in _records(line)]
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _records(line: str) -> list[dict[str, Any]]:
+    """Every JSON log record on one line, even two run together.
+
+    warmgate and the child it pumps share stderr, and a record can land mid-line: with
+    PYTHONUNBUFFERED=1 (common in images) structlog's print() writes the record and its
+    newline separately, so `{warmgate}{child}\n\n` happens.
+    """
     found = []
-    for line in stderr.splitlines():
-        if line.startswith("{"):
-            try:
-                found.append(json.loads(line))
-            except ValueError:
-                continue
+    at = line.find("{")
+    while at != -1:
+        try:
+            record, end = _DECODER.raw_decode(line, at)
+        except ValueError:
+            at = line.find("{", at + 1)
+            continue
+        if isinstance(record, dict) and "event" in record:
+            found.append(record)
+        at = line.find("{", end)
     return found
 
 
@@ -77,76 +97,97 @@ def alive(pid: int) -> bool:
         return False
 
 
-def free_port() -> int:
-    import socket
+class Watched:
+    """A child process whose stderr (and stdout, when piped: a chatty child would block on
+    it otherwise) threads collect line by line as it runs; every wait on them is bounded."""
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    proc: subprocess.Popen[bytes]
 
+    def _watch(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.lines: list[str] = []  # stderr, without line ends
+        self.out_lines: list[str] = []
+        self._changed = threading.Condition()
+        self._stderr_done = False
+        self._readers = [threading.Thread(target=self._read, args=(proc.stderr, self.lines))]
+        if proc.stdout is not None:
+            self._readers.append(
+                threading.Thread(target=self._read, args=(proc.stdout, self.out_lines))
+            )
+        for reader in self._readers:
+            reader.daemon = True
+            reader.start()
 
-class Running:
-    """A warmgate process whose stderr log is collected line by line as it runs."""
-
-    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None) -> None:
-        import threading
-
-        self.proc = start(args, env=env)
-        self.lines: list[str] = []
-        self.out_lines: list[str] = []  # stdout is drained too, or a chatty child would block on it
-        self._reader = threading.Thread(
-            target=self._read, args=(self.proc.stderr, self.lines), daemon=True
-        )
-        self._out_reader = threading.Thread(
-            target=self._read, args=(self.proc.stdout, self.out_lines), daemon=True
-        )
-        self._reader.start()
-        self._out_reader.start()
-
-    @staticmethod
-    def _read(stream: Any, into: list[str]) -> None:
+    def _read(self, stream: Any, into: list[str]) -> None:
         for raw in iter(stream.readline, b""):
-            into.append(raw.decode(errors="replace"))
+            with self._changed:
+                into.append(raw.decode(errors="replace").rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            if into is self.lines:
+                self._stderr_done = True
+            self._changed.notify_all()
 
     @property
     def stdout(self) -> str:
-        return "".join(self.out_lines)
+        return "".join(f"{line}\n" for line in self.out_lines)
 
     @property
     def stderr(self) -> str:
-        return "".join(self.lines)
+        return "".join(f"{line}\n" for line in self.lines)
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        found = events(self.stderr)
-        return [e for e in found if name is None or e.get("event") == name]
+        """The JSON log lines of stderr so far, all or those of one event."""
+        return [e for e in events(self.stderr) if name is None or e.get("event") == name]
+
+    def wait_line(self, predicate: Callable[[str], bool], timeout: float = 30.0) -> str:
+        """The first stderr line that `predicate` accepts, once the process has written it."""
+        deadline = time.monotonic() + timeout
+        exited_at: float | None = None
+        seen = 0
+        with self._changed:
+            while True:
+                for line in self.lines[seen:]:
+                    if predicate(line):
+                        return line
+                seen = len(self.lines)
+                now = time.monotonic()
+                if exited_at is None and self.proc.poll() is not None:
+                    exited_at = now  # the reader may still hold its last lines
+                if self._stderr_done or (exited_at is not None and now - exited_at > 0.2):
+                    raise AssertionError(
+                        f"exited {self.proc.returncode} before the line waited for:\n{self.stderr}"
+                    )
+                if now >= deadline:
+                    raise AssertionError(f"no such line within {timeout} s:\n{self.stderr}")
+                self._changed.wait(min(deadline - now, 0.1))
 
     def wait_event(self, name: str, timeout: float = 30.0, **match: Any) -> dict[str, Any]:
-        def find() -> dict[str, Any] | None:
-            for e in self.events(name):
-                if all(e.get(k) == v for k, v in match.items()):
-                    return e
-            if self.proc.poll() is not None:
-                time.sleep(0.2)  # let the reader catch the last lines
-                for e in self.events(name):
-                    if all(e.get(k) == v for k, v in match.items()):
-                        return e
-                raise AssertionError(
-                    f"exited {self.proc.returncode} before {name} {match}:\n{self.stderr}"
-                )
-            return None
+        """The first JSON log record of event `name` whose fields equal `match`."""
 
-        return wait_for(find, timeout=timeout)  # type: ignore[no-any-return]
+        def wanted(record: dict[str, Any]) -> bool:
+            return record.get("event") == name and all(record.get(k) == v for k, v in match.items())
+
+        line = self.wait_line(lambda line: any(map(wanted, _records(line))), timeout)
+        return next(filter(wanted, _records(line)))
+
+
+class Running(Watched):
+    """A warmgate process whose stderr log is collected line by line as it runs."""
+
+    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None) -> None:
+        self._watch(start(args, env=env))
 
     def wait(self, timeout: float = 30.0) -> int:
         code = self.proc.wait(timeout=timeout)
-        self._reader.join(timeout=5)
+        self._readers[0].join(timeout=5)
         return code
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        self._reader.join(timeout=5)
+        self._readers[0].join(timeout=5)
 
 
 def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, Any]:

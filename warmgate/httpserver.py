@@ -2,10 +2,12 @@
 
 Used by the simulator and by the probe server the kubelet talks to, so it stays small:
 one request at a time per connection, limits on everything a client controls
-(connections, header bytes, body bytes, time to send a request head). Two flavours:
+(connections, header bytes, body bytes, time to send a request). One connection class,
+an `asyncio.Protocol`, serves two kinds of handler:
 
-- `start_server`: an async handler, one task per connection on asyncio streams; a body
-  may be streamed (SSE) and a client that leaves cancels its handler. The simulator.
+- `start_server`: an async handler, run in a task per request; a body may be streamed
+  (SSE) at the pace the client reads, and a client that leaves cancels the task. The
+  simulator.
 - `start_sync_server`: a plain function that answers from memory, called inside the
   protocol's `data_received`: no task, no await between parse and write. The probe
   server, whose answers must not wait behind a busy process.
@@ -21,7 +23,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import h11
 
@@ -92,18 +94,17 @@ class _RequestError(Exception):
         self.status = status
 
 
-class _Closable(Protocol):
-    def close_if_idle(self) -> None: ...
-
-
 class Server:
     """A listening server. `port` is the bound port (useful with port=0)."""
 
-    def __init__(self, handler: Handler | None, limits: _Limits) -> None:
-        self._handler = handler  # None for a sync server: its connections hold the handler
+    def __init__(
+        self, limits: _Limits, handler: Handler | None, answer: SyncHandler | None
+    ) -> None:
         self._limits = limits
+        self._handler = handler  # awaited in a task per request
+        self._answer = answer  # called inside data_received
         self._listener: asyncio.Server | None = None
-        self._connections: set[_Closable] = set()
+        self._connections: set[_Connection] = set()
         self._no_connections = asyncio.Event()
         self._no_connections.set()
         self.closing = False
@@ -138,17 +139,12 @@ class Server:
         await self._no_connections.wait()
 
     async def _listen(self, sock: socket.socket) -> None:
-        self._listener = await asyncio.start_server(
-            self._accept, sock=sock, limit=self._limits.max_header_bytes, backlog=1024
-        )
-
-    async def _listen_sync(self, sock: socket.socket, handler: SyncHandler) -> None:
         loop = asyncio.get_running_loop()
         self._listener = await loop.create_server(
-            lambda: _SyncConnection(self, handler), sock=sock, backlog=1024
+            lambda: _Connection(self), sock=sock, backlog=1024
         )
 
-    def _admit(self, conn: _Closable, sock: socket.socket | None) -> bool:
+    def _admit(self, conn: _Connection, sock: socket.socket | None) -> bool:
         """Count a new connection in, or refuse it: closing, or over the cap."""
         if self.closing or len(self._connections) >= self._limits.max_connections:
             return False
@@ -159,7 +155,7 @@ class Server:
         self._no_connections.clear()
         return True
 
-    def _gone(self, conn: _Closable) -> None:
+    def _gone(self, conn: _Connection) -> None:
         self._connections.discard(conn)
         if not self._connections:
             self._no_connections.set()
@@ -168,18 +164,6 @@ class Server:
         if self._listener is None or not self._listener.sockets:
             raise RuntimeError("server is not listening")
         return tuple(self._listener.sockets[0].getsockname())
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        assert self._handler is not None
-        conn = _Connection(self, self._handler, reader, writer)
-        if not self._admit(conn, writer.get_extra_info("socket")):
-            # Over the cap a client learns at once, instead of queueing behind others.
-            writer.transport.abort()
-            return
-        try:
-            await conn.serve()
-        finally:
-            self._gone(conn)
 
 
 async def start_server(
@@ -194,11 +178,10 @@ async def start_server(
     header_timeout: float = 10.0,
 ) -> Server:
     """Listen on host:port (port 0 picks a free one; read it from `Server.port`), or on
-    `sock`, a socket the caller bound already."""
+    `sock`, a socket the caller bound already. `header_timeout` bounds the time to send a
+    whole request (head and body); an idle keep-alive connection is closed after it."""
     limits = _Limits(max_connections, max_header_bytes, max_body_bytes, header_timeout)
-    server = Server(handler, limits)
-    await server._listen(_bound(host, port, sock))
-    return server
+    return await _serve(Server(limits, handler, None), _bound(host, port, sock))
 
 
 async def start_sync_server(
@@ -213,11 +196,13 @@ async def start_sync_server(
     header_timeout: float = 10.0,
 ) -> Server:
     """As `start_server`, for a handler that answers at once from memory (no I/O, no
-    streamed body): it runs inside the connection's `data_received`. `header_timeout`
-    bounds the time to send a whole request."""
+    streamed body): it runs inside the connection's `data_received`."""
     limits = _Limits(max_connections, max_header_bytes, max_body_bytes, header_timeout)
-    server = Server(None, limits)
-    await server._listen_sync(_bound(host, port, sock), handler)
+    return await _serve(Server(limits, None, handler), _bound(host, port, sock))
+
+
+async def _serve(server: Server, sock: socket.socket) -> Server:
+    await server._listen(sock)
     return server
 
 
@@ -230,208 +215,18 @@ def _bound(host: str | None, port: int | None, sock: socket.socket | None) -> so
     return _listening_socket(host or "", port)
 
 
-class _Connection:
-    """One client connection: read a request, answer it, repeat while keep-alive holds."""
+class _Connection(asyncio.Protocol):
+    """One client connection. Requests are parsed inside `data_received`; a sync handler
+    answers there and then (no task, no await: per request the loop only reads, and the
+    probe server's answers never wait behind anything), an async handler in a task of its
+    own while later requests wait in h11's buffer, so pipelined requests keep their order.
+    The same limits and the same request building serve both."""
 
-    def __init__(
-        self,
-        server: Server,
-        handler: Handler,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> None:
+    def __init__(self, server: Server) -> None:
         self._server = server
-        self._handler = handler
         self._limits = server._limits
-        self._reader = reader
-        self._writer = writer
-        self._h11 = h11.Connection(
-            h11.SERVER, max_incomplete_event_size=self._limits.max_header_bytes
-        )
-        self._idle = True  # waiting for a request head with no bytes of it received yet
-
-    def close_if_idle(self) -> None:
-        if self._idle:
-            self._writer.close()
-
-    async def serve(self) -> None:
-        try:
-            while True:
-                request = await self._read_request()
-                if request is None:
-                    break
-                if not await self._answer(request):
-                    break
-                if self._h11.our_state is not h11.DONE or self._h11.their_state is not h11.DONE:
-                    break
-                self._h11.start_next_cycle()
-        except _RequestError as exc:
-            await self._send_error(exc.status, str(exc))
-        except (ConnectionError, h11.LocalProtocolError):
-            pass  # the peer went away or the exchange is beyond repair: just close
-        finally:
-            await self._close()
-
-    # -- reading ---------------------------------------------------------------------------
-
-    async def _read_request(self) -> Request | None:
-        """The next complete request, or None when the client closed between requests."""
-        self._idle = True
-        if self._server.closing:
-            return None
-        try:
-            async with asyncio.timeout(self._limits.header_timeout):
-                event = await self._next_event()
-        except TimeoutError:
-            if self._idle:
-                return None  # an idle keep-alive connection: close quietly
-            raise _RequestError(408, "request head not received in time") from None
-        if isinstance(event, h11.ConnectionClosed):
-            return None
-        if not isinstance(event, h11.Request):
-            raise _RequestError(400, f"unexpected {type(event).__name__}")
-        self._idle = False
-        _check_head(event, self._limits)
-        if self._h11.they_are_waiting_for_100_continue:
-            self._writer.write(self._send(h11.InformationalResponse(status_code=100, headers=[])))
-        body = await self._read_body()
-        target = event.target.decode("latin-1")
-        path, _, query = target.partition("?")
-        return Request(event.method.decode("ascii"), path, query, _headers(event.headers), body)
-
-    async def _next_event(self) -> object:
-        while True:
-            try:
-                event = self._h11.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise _RequestError(exc.error_status_hint, str(exc)) from None
-            if event is not h11.NEED_DATA:
-                return event
-            data = await self._reader.read(_RECV_BYTES)
-            if data:
-                self._idle = False
-            self._h11.receive_data(data)
-
-    async def _read_body(self) -> bytes:
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            try:
-                async with asyncio.timeout(self._limits.header_timeout):
-                    event = await self._next_event()
-            except TimeoutError:
-                raise _RequestError(408, "request body not received in time") from None
-            if isinstance(event, h11.Data):
-                size += len(event.data)
-                if size > self._limits.max_body_bytes:
-                    raise _RequestError(413, "request body too large")
-                chunks.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                return b"".join(chunks)
-            else:
-                raise _RequestError(400, "incomplete request body")
-
-    # -- answering -------------------------------------------------------------------------
-
-    async def _answer(self, request: Request) -> bool:
-        """Run the handler and send its response while watching for the client leaving;
-        if it leaves first, the handler (and a streaming body) is cancelled.
-        Returns whether the connection may carry another request."""
-        respond = asyncio.create_task(self._respond(request))
-        gone = asyncio.create_task(self._wait_client_gone())
-        try:
-            await asyncio.wait((respond, gone), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (respond, gone):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        if respond.cancelled():
-            return False
-        return respond.result()
-
-    async def _wait_client_gone(self) -> None:
-        data = await self._reader.read(_RECV_BYTES)
-        if not data:
-            return  # EOF: the client closed its side while we were still answering
-        # A pipelined request: keep it for the next cycle and stop watching this one.
-        self._h11.receive_data(data)
-        await asyncio.get_running_loop().create_future()
-
-    async def _respond(self, request: Request) -> bool:
-        try:
-            response = await self._handler(request)
-        except Exception:
-            log.exception("handler failed for %s %s", request.method, request.path)
-            response = Response.text("Internal Server Error\n", 500)
-        if isinstance(response.body, bytes):
-            await self._send_whole(request.method, response, response.body)
-            return True
-        return await self._send_streamed(request.method, response, response.body)
-
-    def _start(self, response: Response, content_length: int | None) -> bytes:
-        return self._send(_response_head(response, content_length, self._server.closing))
-
-    async def _send_whole(self, method: str, response: Response, body: bytes) -> None:
-        out = self._start(response, len(body))
-        if body and method != "HEAD":
-            out += self._send(h11.Data(data=body))
-        out += self._send(h11.EndOfMessage())
-        self._writer.write(out)
-        await self._writer.drain()
-
-    async def _send_streamed(
-        self, method: str, response: Response, body: AsyncIterator[bytes]
-    ) -> bool:
-        try:
-            self._writer.write(self._start(response, None))
-            if method != "HEAD":
-                async for chunk in body:
-                    if chunk:
-                        self._writer.write(self._send(h11.Data(data=chunk)))
-                        await self._writer.drain()
-            self._writer.write(self._send(h11.EndOfMessage()))
-            await self._writer.drain()
-            return True
-        except (ConnectionError, asyncio.CancelledError):
-            raise
-        except Exception:
-            # Headers are out, so a 500 is impossible; a cut stream tells the client.
-            log.exception("response stream failed for %s", method)
-            self._writer.transport.abort()
-            return False
-        finally:
-            aclose = getattr(body, "aclose", None)
-            if aclose is not None:
-                await aclose()
-
-    async def _send_error(self, status: int, reason: str) -> None:
-        out = _error_bytes(self._h11, status, reason)
-        if out:
-            with contextlib.suppress(ConnectionError):
-                self._writer.write(out)
-                await self._writer.drain()
-
-    def _send(self, event: h11.Event) -> bytes:
-        return self._h11.send(event) or b""  # None only for ConnectionClosed, never sent here
-
-    async def _close(self) -> None:
-        self._writer.close()
-        with contextlib.suppress(OSError, TimeoutError):
-            async with asyncio.timeout(_CLOSE_GRACE_S):
-                await self._writer.wait_closed()
-
-
-class _SyncConnection(asyncio.Protocol):
-    """One client connection of a sync server: each request is parsed and answered inside
-    `data_received`. No task, no await, no stream objects: per request the loop only
-    accepts, reads and closes. Run from a thread of its own, each of those is a wait for
-    the GIL while another thread works, so the fewer the better."""
-
-    def __init__(self, server: Server, handler: SyncHandler) -> None:
-        self._server = server
-        self._handler = handler
-        self._limits = server._limits
+        self._handler = server._handler
+        self._answer = server._answer
         self._h11 = h11.Connection(
             h11.SERVER, max_incomplete_event_size=self._limits.max_header_bytes
         )
@@ -440,7 +235,11 @@ class _SyncConnection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._body_size = 0
         self._idle = True  # waiting for a request head with no bytes of it received yet
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None  # bounds the time to send a request
+        self._task: asyncio.Task[None] | None = None  # an async handler answering
+        self._pipelined = False  # bytes arrived while the task answers: reading waits
+        self._write_paused = False  # the client's socket is full
+        self._drained: asyncio.Future[None] | None = None  # a stream waiting for room
 
     def close_if_idle(self) -> None:
         if self._idle:
@@ -457,40 +256,51 @@ class _SyncConnection(asyncio.Protocol):
         self._arm_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
         self._transport = None
+        self._close()  # the client left: a handler still answering (or streaming) stops
         self._server._gone(self)
 
     def data_received(self, data: bytes) -> None:
         if self._transport is None:
             return
-        self._idle = False
         self._h11.receive_data(data)
+        if self._task is not None:
+            # The next request waits for this answer, and reading waits with it: what a
+            # client sends ahead cannot grow without bound.
+            self._pipelined = True
+            self._transport.pause_reading()
+            return
+        self._idle = False
         self._process()
 
     def eof_received(self) -> bool:
-        if self._transport is not None:
+        if self._task is not None:
+            self._close()  # the client left before its answer was made
+        elif self._transport is not None:
             self._h11.receive_data(b"")
             self._process()
         return False  # let the transport close once our answer is flushed
 
     def pause_writing(self) -> None:
-        # A client that does not read its answers is not read from either: pipelined
-        # requests then cannot grow our write buffer without bound.
+        # A client that does not read its answers is not read from either.
+        self._write_paused = True
         if self._transport is not None:
             self._transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self._transport is not None:
-            self._transport.resume_reading()
+        self._write_paused = False
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+        self._drained = None
+        self._read_again()
 
     # -- requests --------------------------------------------------------------------------
 
     def _process(self) -> None:
-        """Handle every complete event received so far (pipelined requests in order)."""
+        """Handle every complete event received so far, until an async handler's task
+        holds the connection."""
         try:
-            while self._transport is not None:
+            while self._transport is not None and self._task is None:
                 event = self._h11.next_event()
                 if event is h11.NEED_DATA:
                     return
@@ -506,8 +316,7 @@ class _SyncConnection(asyncio.Protocol):
                         raise _RequestError(413, "request body too large")
                     self._body.append(bytes(event.data))
                 elif isinstance(event, h11.EndOfMessage):
-                    self._answer()
-                    self._next_cycle()
+                    self._respond(self._take_request())
                 elif isinstance(event, h11.ConnectionClosed):
                     self._close()
                 else:
@@ -519,31 +328,68 @@ class _SyncConnection(asyncio.Protocol):
         except h11.LocalProtocolError:
             self._close(abort=True)  # the exchange is beyond repair
 
-    def _answer(self) -> None:
-        assert self._head is not None and self._transport is not None
+    def _take_request(self) -> Request:
+        """The request whose head and body have arrived; the time to send it ends here."""
+        assert self._head is not None
         head, body, self._head, self._body, self._body_size = self._head, self._body, None, [], 0
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         target = head.target.decode("latin-1")
         path, _, query = target.partition("?")
         method = head.method.decode("ascii")
-        request = Request(method, path, query, _headers(head.headers), b"".join(body))
+        return Request(method, path, query, _headers(head.headers), b"".join(body))
+
+    def _respond(self, request: Request) -> None:
+        if self._answer is not None:
+            try:
+                response = self._answer(request)
+                if not isinstance(response.body, bytes):
+                    raise TypeError("a sync handler's response body must be bytes")
+            except Exception:
+                response = _handler_failed(request)
+            assert isinstance(response.body, bytes)
+            self._write_whole(request.method, response, response.body)
+            self._next_cycle()
+        elif self._handler is not None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._respond_later(self._handler, request)
+            )
+            self._task.add_done_callback(self._responded)
+
+    async def _respond_later(self, handler: Handler, request: Request) -> None:
         try:
-            response = self._handler(request)
-            if not isinstance(response.body, bytes):
-                raise TypeError("a sync handler's response body must be bytes")
+            response = await handler(request)
         except Exception:
-            log.exception("handler failed for %s %s", method, path)
-            response = Response.text("Internal Server Error\n", 500)
-        assert isinstance(response.body, bytes)
-        closing = self._server.closing
-        out = self._send(_response_head(response, len(response.body), closing))
-        if response.body and method != "HEAD":
-            out += self._send(h11.Data(data=response.body))
-        out += self._send(h11.EndOfMessage())
-        self._transport.write(out)
+            response = _handler_failed(request)
+        if isinstance(response.body, bytes):
+            self._write_whole(request.method, response, response.body)
+        else:
+            await self._write_stream(request.method, response, response.body)
+
+    def _responded(self, task: asyncio.Task[None]) -> None:
+        self._task = None
+        if task.cancelled():
+            self._close()
+            return
+        exc = task.exception()
+        if exc is not None:
+            if not isinstance(exc, ConnectionError):
+                log.error("response failed; the connection is cut", exc_info=exc)
+            # The head may be out, so a 500 is impossible; a cut connection tells the client.
+            self._close(abort=True)
+            return
+        self._next_cycle()
+        if self._h11.trailing_data[0]:  # a pipelined request, whole or in part
+            self._idle = False
+        self._pipelined = False
+        self._read_again()
+        self._process()
 
     def _next_cycle(self) -> None:
-        if self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE:
-            self._h11.start_next_cycle()
+        h = self._h11
+        if h.our_state is h11.DONE and h.their_state is h11.DONE and not self._server.closing:
+            h.start_next_cycle()
             self._idle = True
             self._arm_timer()
         else:
@@ -561,6 +407,45 @@ class _SyncConnection(asyncio.Protocol):
             self._transport.write(_error_bytes(self._h11, status, reason))
         self._close()
 
+    # -- writing ---------------------------------------------------------------------------
+
+    def _write_whole(self, method: str, response: Response, body: bytes) -> None:
+        out = self._send(_response_head(response, len(body), self._server.closing))
+        if body and method != "HEAD":
+            out += self._send(h11.Data(data=body))
+        out += self._send(h11.EndOfMessage())
+        self._write(out)
+
+    async def _write_stream(
+        self, method: str, response: Response, body: AsyncIterator[bytes]
+    ) -> None:
+        """Each chunk written as the iterator yields it, at the pace the client reads."""
+        try:
+            self._write(self._send(_response_head(response, None, self._server.closing)))
+            if method != "HEAD":
+                async for chunk in body:
+                    if chunk:
+                        self._write(self._send(h11.Data(data=chunk)))
+                        await self._drain()
+            self._write(self._send(h11.EndOfMessage()))
+        finally:
+            aclose = getattr(body, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    def _write(self, data: bytes) -> None:
+        if self._transport is None:
+            raise ConnectionResetError("the client went away")
+        self._transport.write(data)
+
+    async def _drain(self) -> None:
+        if self._write_paused:
+            self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
+
+    def _send(self, event: h11.Event) -> bytes:
+        return self._h11.send(event) or b""  # None only for ConnectionClosed, never sent here
+
     # -- plumbing --------------------------------------------------------------------------
 
     def _arm_timer(self) -> None:
@@ -569,15 +454,20 @@ class _SyncConnection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self._limits.header_timeout, self._timed_out)
 
-    def _send(self, event: h11.Event) -> bytes:
-        return self._h11.send(event) or b""  # None only for ConnectionClosed, never sent here
+    def _read_again(self) -> None:
+        """Read once the client reads our answers and no request waits behind a task."""
+        if self._transport is not None and not (self._write_paused or self._pipelined):
+            self._transport.resume_reading()
 
     def _close(self, abort: bool = False) -> None:
-        """Close once the answer is flushed, or drop a peer that will not read it."""
+        """Close once the answer is flushed, or drop a peer that will not read it; a
+        handler still answering is cancelled."""
         transport, self._transport = self._transport, None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._task is not None:
+            self._task.cancel()
         if transport is None:
             return
         if abort:
@@ -586,6 +476,11 @@ class _SyncConnection(asyncio.Protocol):
         transport.close()
         if transport.get_write_buffer_size():
             asyncio.get_running_loop().call_later(_CLOSE_GRACE_S, transport.abort)
+
+
+def _handler_failed(request: Request) -> Response:
+    log.exception("handler failed for %s %s", request.method, request.path)
+    return Response.text("Internal Server Error\n", 500)
 
 
 def _check_head(event: h11.Request, limits: _Limits) -> None:

@@ -96,7 +96,7 @@ _WARMUP_SH_WORDS = (100, 500, 1000)
 
 
 @dataclass(slots=True)
-class Upstream:
+class ServerRecipe:
     """How to start the server under test on a given port."""
 
     argv: list[str]  # without --host/--port
@@ -107,11 +107,11 @@ class Upstream:
         return [*self.argv, "--host", "127.0.0.1", "--port", str(port)]
 
 
-def sim_upstream(extra: Sequence[str] = ()) -> Upstream:
-    return Upstream([sys.executable, "-m", "warmgate", "sim", *extra], name="sim")
+def sim_upstream(extra: Sequence[str] = ()) -> ServerRecipe:
+    return ServerRecipe([sys.executable, "-m", "warmgate", "sim", *extra], name="sim")
 
 
-def command_upstream(command: str, name: str = "command") -> Upstream:
+def command_upstream(command: str, name: str = "command") -> ServerRecipe:
     """A server started by a command line of the user's (e.g. the real-vLLM script's)."""
     words = shlex.split(command)
     env = {}
@@ -123,7 +123,7 @@ def command_upstream(command: str, name: str = "command") -> Upstream:
         while words and "=" in words[0]:
             key, value = words.pop(0).split("=", 1)
             env[key] = value
-    return Upstream(words, env, name)
+    return ServerRecipe(words, env, name)
 
 
 @dataclass(slots=True)
@@ -319,33 +319,28 @@ def free_port() -> int:
 
 async def run_strategy(
     strategy: str,
-    upstream: Upstream,
+    recipe: ServerRecipe,
     *,
     plan: Path | None = None,
     warm_runs: int = 3,
     ready_timeout: float = 1500.0,
     warmgate_args: Sequence[str] = (),
     log_dir: Path | None = None,
-    pin_output: bool = True,
+    pin_output: bool,
     log_name: str | None = None,
 ) -> Outcome:
     """One fresh upstream under one strategy: time to Ready, then the held-out mix."""
     outcome = Outcome(strategy, warm_runs=warm_runs)
-    port = free_port()
-    probe_port = free_port() if strategy in ("warmgate", "plan") else None
-    argv = upstream.command(port)
-    if probe_port is not None:
-        extra = [*warmgate_args, *(["--plan", str(plan)] if strategy == "plan" and plan else [])]
-        argv = warmgate_command(probe_port, argv, extra)
-    with contextlib.ExitStack() as stack:
-        cache = stack.enter_context(tempfile.TemporaryDirectory(prefix="warmgate-bench-"))
-        log_path = (log_dir or Path(cache)) / (log_name or f"{strategy}.log")
-        log = stack.enter_context(log_path.open("wb"))
-        env = {**os.environ, **upstream.env, **_fresh_cache_env(cache)}
-        began = time.monotonic()
-        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log, start_new_session=True)
-        base = f"http://127.0.0.1:{port}"
-        mix = _Mix(base, warm_runs, pin_output, began)
+    extra = [*warmgate_args, *(["--plan", str(plan)] if strategy == "plan" and plan else [])]
+    with started(
+        recipe,
+        under_warmgate=strategy in ("warmgate", "plan"),
+        warmgate_args=extra,
+        log_path=log_dir / (log_name or f"{strategy}.log") if log_dir else None,
+        stop=TERMINATE,
+    ) as server:
+        proc, base = server.proc, server.base
+        mix = _Mix(base, warm_runs, pin_output, server.began)
         try:
             async with httpx.AsyncClient(timeout=600.0, trust_env=False) as client:
                 if strategy == "none":  # Ready at once: clients arrive and retry
@@ -353,29 +348,27 @@ async def run_strategy(
                     outcome.refused_before_good = await _until_served(
                         client, mix, proc, ready_timeout
                     )
-                    outcome.spawn_to_healthy_s = time.monotonic() - began
+                    outcome.spawn_to_healthy_s = time.monotonic() - server.began
                 else:
                     await _until_ok(client, f"{base}/health", proc, ready_timeout)
-                    outcome.spawn_to_healthy_s = time.monotonic() - began
+                    outcome.spawn_to_healthy_s = time.monotonic() - server.began
                     if strategy == "warmup.sh":
                         await _warmup_sh(client, base, (await _model(client, base))[0])
-                    elif probe_port is not None:
-                        ready = f"http://127.0.0.1:{probe_port}/ready"
+                    elif server.probe_port is not None:
+                        ready = f"http://127.0.0.1:{server.probe_port}/ready"
                         await _until_ok(client, ready, proc, ready_timeout)
                     outcome.spawn_to_ready_s = (
                         outcome.spawn_to_healthy_s
                         if strategy == "health"
-                        else time.monotonic() - began
+                        else time.monotonic() - server.began
                     )
-                jit_at_ready = _count_jit(log_path)
+                jit_at_ready = _count_jit(server.log_path)
                 outcome.requests = await mix.run(client)
                 outcome.first_good_s = mix.first_good_s
-                outcome.jit_after_ready = _count_jit(log_path) - jit_at_ready
+                outcome.jit_after_ready = _count_jit(server.log_path) - jit_at_ready
                 outcome.gpu_memory_bytes = _gpu_memory()
         except (RuntimeError, httpx.HTTPError, TimeoutError) as exc:
             outcome.error = str(exc) or type(exc).__name__
-        finally:
-            stop_session(proc)
     return outcome
 
 
@@ -612,15 +605,34 @@ def _sim_report(reply: httpx.Response) -> tuple[tuple[float, float] | None, list
     return cost, keys
 
 
-def stop_session(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    """SIGTERM the server's whole session, SIGKILL it if it outlives `timeout`."""
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """How a started server is stopped: `signum` to its whole session (or to the session's
+    leader alone), then SIGKILL to whatever is left of the session once the leader has
+    exited or `timeout_s` has passed."""
+
+    signum: signal.Signals = signal.SIGTERM
+    timeout_s: float = 30.0
+    leader_only: bool = False
+
+
+TERMINATE = Stop()  # the benchmark's: every process of the server at once
+INTERRUPT = Stop(signal.SIGINT, 10.0, leader_only=True)  # warmgate forwards it without a drain
+
+
+def stop_session(proc: subprocess.Popen[bytes], how: Stop = TERMINATE) -> None:
+    """Stop a server started in a session of its own (`start_new_session=True`)."""
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            if how.leader_only:
+                proc.send_signal(how.signum)
+            else:
+                os.killpg(proc.pid, how.signum)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=how.timeout_s)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever the server left behind in its session
+    proc.wait()
 
 
 def report(outcomes: Sequence[Outcome]) -> str:
@@ -719,7 +731,7 @@ def as_json(outcomes: Sequence[Outcome]) -> list[dict[str, Any]]:
     ]
 
 
-# --- one start driven by a caller (scripts/kubelet_replay.py) ------------------------------
+# --- one start -------------------------------------------------------------------------------
 
 
 @dataclass(slots=True)
@@ -730,6 +742,7 @@ class Started:
     port: int  # the upstream's API port
     probe_port: int | None  # warmgate's probe port
     began: float  # time.monotonic() just before the spawn: the container's start
+    log_path: Path  # its stdout and stderr
 
     @property
     def base(self) -> str:
@@ -739,7 +752,7 @@ class Started:
 def warmgate_command(
     probe_port: int, upstream_argv: Sequence[str], args: Sequence[str] = ()
 ) -> list[str]:
-    """`warmgate run` on 127.0.0.1:`probe_port` over the upstream, as `run_strategy` starts it."""
+    """`warmgate run` on 127.0.0.1:`probe_port` over the upstream."""
     return [
         sys.executable, "-m", "warmgate", "run", "--host", "127.0.0.1", "--port", str(probe_port),
         "--log-format", "json", *args, "--", *upstream_argv,
@@ -748,39 +761,31 @@ def warmgate_command(
 
 @contextlib.contextmanager
 def started(
-    upstream: Upstream,
+    recipe: ServerRecipe,
     *,
     under_warmgate: bool = False,
     warmgate_args: Sequence[str] = (),
     log_path: Path | None = None,
+    stop: Stop = INTERRUPT,
 ) -> Iterator[Started]:
-    """Spawn the upstream (fresh compile cache, own session) and stop it on exit: SIGINT, which
-    warmgate forwards at once without a drain, then SIGKILL to the session after 10 s."""
+    """Spawn the upstream on free ports, in a session of its own with a fresh compile cache,
+    its output in `log_path` (else a file in that cache); stop it on exit as `stop` says."""
     port = free_port()
     probe_port = free_port() if under_warmgate else None
-    argv = upstream.command(port)
+    argv = recipe.command(port)
     if probe_port is not None:
         argv = warmgate_command(probe_port, argv, warmgate_args)
     with contextlib.ExitStack() as stack:
         cache = stack.enter_context(tempfile.TemporaryDirectory(prefix="warmgate-bench-"))
-        log: Any = stack.enter_context(open(log_path, "wb")) if log_path else subprocess.DEVNULL
-        env = {**os.environ, **upstream.env, **_fresh_cache_env(cache)}
+        log_path = log_path or Path(cache) / "server.log"
+        log = stack.enter_context(log_path.open("wb"))
+        env = {**os.environ, **recipe.env, **_fresh_cache_env(cache)}
         began = time.monotonic()
         proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log, start_new_session=True)
         try:
-            yield Started(proc, port, probe_port, began)
+            yield Started(proc, port, probe_port, began, log_path)
         finally:
-            _interrupt(proc)
-
-
-def _interrupt(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)  # whatever the server left behind in its session
-    proc.wait()
+            stop_session(proc, stop)
 
 
 async def send_first(

@@ -19,8 +19,10 @@ from warmgate.bench.core import (
     sim_upstream,
 )
 from warmgate.errors import WarmgateError
+from warmgate.options import option
 
-WARM_RUNS = 5  # `--warm-runs` for strategies it leaves out
+# `--warm-runs` for the strategies a spec such as `warmgate=3` leaves out: its default.
+WARM_RUNS = int(option("bench", "warm_runs").default)
 
 
 def bench_main(
@@ -31,8 +33,8 @@ def bench_main(
     warm_runs: str,
     warmgate_args: str,
     out: Path | None,
-    pin_output: bool = True,
-    starts: str = "1",
+    pin_output: bool,
+    starts: str,
 ) -> int:
     chosen = [s.strip() for s in strategies.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in STRATEGIES]
@@ -45,9 +47,9 @@ def bench_main(
     counts = per_strategy("--starts", starts, chosen, default=1)
     warm = per_strategy("--warm-runs", warm_runs, chosen, default=WARM_RUNS)
     if command:
-        upstream = command_upstream(command, "vLLM" if "vllm" in command else "--command")
+        recipe = command_upstream(command, "vLLM" if "vllm" in command else "--command")
     else:
-        upstream = sim_upstream(shlex.split(sim_args))
+        recipe = sim_upstream(shlex.split(sim_args))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     outcomes: list[Outcome] = []
@@ -58,7 +60,7 @@ def bench_main(
             run = asyncio.run(
                 run_strategy(
                     strategy,
-                    upstream,
+                    recipe,
                     plan=plan,
                     warm_runs=warm[strategy],
                     warmgate_args=shlex.split(warmgate_args),
@@ -79,7 +81,7 @@ def bench_main(
     if out is not None:
         (out / "report.md").write_text(text + "\n")
         (out / "report.json").write_text(json.dumps(as_json(outcomes), indent=2) + "\n")
-        title = f"time to Ready and first request over {upstream.name}"
+        title = f"time to Ready and first request over {recipe.name}"
         if not timeline(outcomes, out / "timeline.png", title):
             print("# no chart: pip install 'warmgate[chart]' for matplotlib", flush=True)
     return 0 if all(o.error is None for o in outcomes) else 1
