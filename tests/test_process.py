@@ -182,16 +182,16 @@ def test_stubborn_child_is_killed_after_stop_timeout(tmp_path: Path) -> None:
     try:
         wait_for(pids.exists)
         child_pid, grand_pid = map(int, pids.read_text().split())
-        began = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 137
-        assert time.monotonic() - began >= 0.9
     finally:
         proc.kill()
     wait_for(lambda: not alive(child_pid) and not alive(grand_pid), timeout=5)
     _, err = proc.communicate()
     names = [e["event"] for e in events(err.decode())]
-    assert "stop_timeout" in names
+    assert names.index("signal") < names.index("stop_timeout") < names.index("exit"), names
+    (stopped,) = [e for e in events(err.decode()) if e["event"] == "stop_timeout"]
+    assert stopped["after_s"] == 1
 
 
 def test_leftover_processes_are_stopped_when_the_child_exits(tmp_path: Path) -> None:
@@ -209,12 +209,11 @@ def test_output_passes_through_unbuffered_and_byte_exact() -> None:
     proc = start(["run", "--", sys.executable, "-c", script])
     try:
         assert proc.stdout is not None
-        began = time.monotonic()
         got = b""
         while len(got) < len(b"10%\r20%\rdone"):
             got += os.read(proc.stdout.fileno(), 100)
         assert got == b"10%\r20%\rdone"
-        assert time.monotonic() - began < 2.5  # arrived before the child exited
+        assert proc.poll() is None  # it arrived while the child still ran (it sleeps 3 s)
         assert proc.wait(timeout=10) == 0
     finally:
         proc.kill()

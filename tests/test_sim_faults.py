@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
+import threading
 import time
 
 import httpx
@@ -57,14 +59,20 @@ def test_malformed_answers_200_with_garbage() -> None:
         assert sim.get("/health").status_code == 200
 
 
-def test_slow_adds_seconds_to_generation_only() -> None:
-    with Sim("--slow", "0.8") as sim, sim.client() as client:
-        started = time.monotonic()
-        assert client.get("/health").status_code == 200
-        assert time.monotonic() - started < 0.8
-        started = time.monotonic()
-        assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
-        assert time.monotonic() - started >= 0.8
+def test_slow_holds_back_generation_only() -> None:
+    with Sim("--slow", "60") as sim:
+        replies: list[int] = []
+
+        def chat() -> None:
+            with contextlib.suppress(httpx.HTTPError):  # the simulator stops first
+                replies.append(sim.post("/v1/chat/completions", CHAT, timeout=90).status_code)
+
+        held = threading.Thread(target=chat, daemon=True)
+        held.start()
+        held.join(timeout=1.0)  # at --time-scale 0 a chat is answered at once
+        assert sim.get("/health").status_code == 200
+        assert sim.get("/v1/models").status_code == 200
+        assert held.is_alive() and not replies  # the chat is still held back
 
 
 def test_hang_health_after_stops_answering_health_only() -> None:

@@ -1,8 +1,15 @@
 """Warm-up mode: the readiness gate around a running child.
 
-One TaskGroup holds the health poller, the warm-up, the drain and the probe
-server; the lifecycle (warmgate.lifecycle) decides, this module acts on its
-decisions. Shutdown is cancellation of that group.
+The core decides: warmgate.lifecycle (phases, probe answers, the startup deadline, how
+the run ends) and warmgate.drain (when a drain is over). This module only does. A few
+loops turn I/O into their events (the child exited, health answered, the warm-up's
+verdict, the upstream's requests in flight; signals arrive through `on_signal`), and
+`_act` carries out the actions the lifecycle returns. One TaskGroup holds the loops;
+EXIT cancels them all.
+
+The probe server runs on a thread of its own and reads nothing but `Gate.published`, a
+frozen `ProbeSnapshot` the main loop replaces at each transition, drain poll and cache
+measurement, and about once a second with fresh process and GPU readings.
 """
 
 from __future__ import annotations
@@ -10,37 +17,58 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import signal
 import socket
 import sys
 import time
-from typing import Any
+from collections.abc import Callable, Coroutine, Mapping
+from types import MappingProxyType
+from typing import Any, assert_never
 from urllib.parse import urlsplit
 
 from warmgate import inflight, log, probe, process, servers
-from warmgate import lifecycle as lc
 from warmgate.cache import CacheReport
 from warmgate.childlog import JitScanner
 from warmgate.config import RunSettings, WarmupSettings
-from warmgate.errors import Exit
+from warmgate.drain import Continue, Done, DrainPolicy, DrainState, Outcome, Verdict
+from warmgate.errors import Ending
+from warmgate.lifecycle import (
+    Action,
+    ChildExited,
+    ChildSpawned,
+    Decision,
+    DrainDone,
+    Event,
+    HealthFailed,
+    HealthOk,
+    Lifecycle,
+    Phase,
+    Sigterm,
+    WarmupFinished,
+)
 from warmgate.telemetry import Counters, Metrics, gpus, process_tree_rss
 from warmgate.upstream import Upstream
 from warmgate.warmup import Progress, summary_table
 from warmgate.worker import Worker
 
 PROGRESS_EVERY_S = 10.0
+READINGS_EVERY_S = 1.0
 WARMUP_ID_MARK = "warmgate-"  # in the X-Request-Id of every warm-up request
-# Drain outcomes that leave requests possibly still running: their log lines name them.
-NAMED_OUTCOMES = ("timed_out", "skipped", "no_metrics")
-NAME_KEYS = ("connections", "connections_more", "requests", "requests_more", "requests_dropped")
+
+Forward = Callable[[signal.Signals], None]
 
 
-class _ChildGone(Exception):
-    """Raised inside the TaskGroup to cancel every task once the child has exited."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class _HostReadings:
+    """psutil and NVML readings, taken by the main loop about once a second."""
+
+    child_rss: int | None = None
+    gpus: list[Mapping[str, Any]] | None = None
 
 
 class Gate:
-    """Warm-up mode's state, and the `ProbeView` the probe server answers from."""
+    """Warm-up mode's loops and executor, and the `ProbeView` the probe thread reads."""
 
     def __init__(
         self,
@@ -48,21 +76,24 @@ class Gate:
         child: process.Child,
         upstream_url: str,
         api_key: str | None,
+        forward: Forward,
         cache: CacheReport | None = None,
     ):
         self.settings = settings
         self.child = child
         self.upstream_url = upstream_url
         self._api_key = api_key
+        self._forward = forward  # forward a signal to the child, log it, arm the stop timer
         self.upstream = Upstream(
             upstream_url, api_key=api_key, timeout=settings.warmup.request_timeout
         )
         self.started_mono, self.started_wall = time.monotonic(), time.time()
-        self.life = lc.Lifecycle(
+        self.life = Lifecycle(
             self.started_mono,
             unhealthy_threshold=settings.unhealthy_threshold,
             live_grace=settings.live_grace,
-            on_warmup_failure="ready" if settings.on_warmup_failure == "ready" else "fail",
+            on_warmup_failure=settings.on_warmup_failure,
+            startup_timeout=settings.startup_timeout,
         )
         self.jit = JitScanner()
         # Request ids are tracked only when the engine logs both ends of each request.
@@ -71,55 +102,75 @@ class Gate:
         )
         address = urlsplit(upstream_url)
         self.upstream_port = address.port or (443 if address.scheme == "https" else 80)
-        self.counters = Counters()
-        self.meter = Metrics(self._read_counters)
         self.progress = Progress()
-        self.drain: dict[str, Any] = {}
-        self.exit_reason: str | None = None
+        self.drain: DrainPolicy | None = None
+        self.health_failures = 0  # all failed health checks, for /metrics
         self.cache = cache
-        if cache is not None:
-            self.counters.cache_bytes = cache.sizes()
+        self._host = _HostReadings()
         self._log = log.get()
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._stopper: Any = None
+        self.published: probe.ProbeSnapshot = self._snapshot()
+        self.meter = Metrics(lambda: self.published)
 
-    # --- ProbeView --------------------------------------------------------------------
-
-    def phase(self) -> str:
-        return self.life.phase.value
-
-    def ready_ok(self) -> bool:
-        return self.life.ready_ok()
-
-    def live_ok(self) -> bool:
-        return self.life.live_ok(time.monotonic()) and self.life.child_status is None
-
-    def startup_ok(self) -> bool:
-        return self.life.startup_ok()
-
-    def status(self) -> dict[str, Any]:
-        now = time.monotonic()
-        snap = self.life.snapshot(now)
-        for t in snap["transitions"]:  # type: ignore[attr-defined]
-            t["at"] = self._wall(t["at"])
-        return {
-            "mode": "warmup",
-            **snap,
-            "upstream": self.upstream_url,
-            "models": self.progress.models,
-            "child": {"pid": self.child.pid, "rss_bytes": process_tree_rss(self.child.pid)},
-            "gpus": gpus(),
-            "shapes": [r.as_dict() for r in self.progress.results],
-            "jit_misses_after_ready": self.jit.after_ready,
-            "jit_lines_total": self.jit.total,
-            "drain": self.drain or None,
-            "cache": self.cache.as_status() if self.cache is not None else None,
-            "warnings": self.progress.warnings,
-        }
+    # --- what the probe thread reads --------------------------------------------------
 
     def metrics(self) -> bytes:
         return self.meter.render()
+
+    def publish(self) -> None:
+        """Replace the snapshot the probe thread reads: one reference, swapped whole."""
+        self.published = self._snapshot()
+
+    def _snapshot(self) -> probe.ProbeSnapshot:
+        now = time.monotonic()
+        life = self.life
+        status = life.as_status(now)
+        status["transitions"] = [
+            {"phase": t.phase.value, "at": self._wall(t.at), "reason": t.reason}
+            for t in life.transitions
+        ]
+        status = {
+            "mode": "warmup",
+            **status,
+            "upstream": self.upstream_url,
+            "models": self.progress.models,
+            "child": {"pid": self.child.pid, "rss_bytes": self._host.child_rss},
+            "gpus": self._host.gpus,
+            "shapes": [r.as_dict() for r in self.progress.results],
+            "jit_misses_after_ready": self.jit.after_ready,
+            "jit_lines_total": self.jit.total,
+            "drain": self._drain_status(self.drain.state) if self.drain is not None else None,
+            "cache": self.cache.as_status() if self.cache is not None else None,
+            "warnings": self.progress.warnings,
+        }
+        drain = self.drain.state if self.drain is not None else None
+        counters = Counters(
+            phase_seconds=MappingProxyType(life.seconds_per_phase(now)),
+            health_failures=self.health_failures,
+            jit_misses=self.jit.after_ready,
+            drain_inflight=drain.inflight if drain is not None else None,
+            drain_seconds=drain.seconds if drain is not None else 0.0,
+            cache_bytes=MappingProxyType(self.cache.sizes() if self.cache is not None else {}),
+        )
+        return probe.ProbeSnapshot(
+            phase=life.phase.value,
+            ready=life.ready_ok(),
+            started=life.startup_ok(),
+            live_until=life.live_until(),
+            status=json.dumps(status, separators=(",", ":")).encode(),
+            counters=counters,
+        )
+
+    def _drain_status(self, state: DrainState) -> dict[str, Any]:
+        return {
+            "started_at": self._wall(state.started),
+            "deadline_s": state.deadline_s,
+            "outcome": str(state.outcome or "draining"),
+            "inflight": state.inflight,
+            "seconds": round(state.seconds, 2),
+            **state.names,
+        }
 
     def scan_output(self, stream: int, data: bytes) -> None:
         """A copy of the child's output, from the pump threads."""
@@ -129,79 +180,91 @@ class Gate:
         if self.cache is not None:
             self.cache.engine.feed(stream, data)
 
-    # --- running ----------------------------------------------------------------------
+    # --- events in, actions out ---------------------------------------------------------
 
-    async def run(self, exited: asyncio.Future[int], sock: socket.socket, stopper: Any) -> int:
-        """Serve probes and drive the lifecycle until the child exits; the exit code."""
-        self._stopper = stopper
+    async def drive_lifecycle(self, exited: asyncio.Future[int], sock: socket.socket) -> Ending:
+        """Serve probes and drive the lifecycle until the child has exited; how the run ends.
+
+        `exited` gets the child's wait status from the reaper.
+        """
         server = probe.ProbeThread(self, sock)
         server.start()
         self._log.info("listening", host=server.host, port=server.port, upstream=self.upstream_url)
-        self._apply(lc.ChildSpawned(self.child.pid))
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
-                self._spawn("health", self._watch_health())
-                status = await exited
-                self._apply(lc.ChildExited(process.exit_code(status)))
-                raise _ChildGone
-        except* _ChildGone:
-            pass
+                self.apply(ChildSpawned(self.child.pid))
+                self._spawn("child", self._watch_child(exited))
+                self._spawn("health", self._poll_health())
+                self._spawn("readings", self._take_readings())
         finally:
             server.stop()
             await self.upstream.aclose()
-        return self._exit_code(status)
+        ending = self.life.ending
+        assert ending is not None, "the task group ends on EXIT, which only a child exit gives"
+        return ending
 
     def on_signal(self, sig: signal.Signals) -> None:
         """SIGTERM goes through the lifecycle (drain); every other signal is forwarded at once."""
         if sig == signal.SIGTERM:
-            self._apply(lc.Sigterm())
-            return
-        delivered = process.send(self.child, sig, group=self.settings.signal_group)
-        self._log.info("signal", signal=sig.name, forwarded=delivered)
-        if sig in process.STOP_SIGNALS:
-            self._stopper.arm()
+            self.apply(Sigterm())
+        else:
+            self._forward(sig)
 
-    def _apply(self, event: lc.Event) -> None:
-        now = time.monotonic()
-        decision = self.life.handle(event, now)
+    def apply(self, event: Event) -> Decision:
+        """Hand one event to the lifecycle, publish what changed, carry out its actions."""
+        decision = self.life.handle(event, time.monotonic())
         if decision.changed:
-            self._log.info(
-                "phase", phase=decision.phase.value, reason=self.life.transitions[-1].reason
-            )
-            self.jit.ready = self.jit.ready or decision.phase is lc.Phase.READY
+            reason = self.life.transitions[-1].reason
+            self._log.info("phase", phase=decision.phase.value, reason=reason)
+            self.jit.ready = self.life.startup_ok()
+            self.publish()  # before acting: /ready says 503 before the child hears SIGTERM
         elif decision.note:
             self._log.info("lifecycle", phase=decision.phase.value, note=decision.note)
         for action in decision.actions:
             self._act(action)
+        return decision
 
-    def _act(self, action: lc.Action) -> None:
-        if action is lc.Action.START_WARMUP:
-            self._spawn("warmup", self._warm_up())
-        elif action is lc.Action.CANCEL_WARMUP:
-            self._cancel("warmup")
-        elif action is lc.Action.START_DRAIN:
-            self._spawn("drain", self._drain())
-        elif action is lc.Action.CANCEL_DRAIN:
-            self._cancel("drain")
-            self._drain_cut_short()
-        elif action is lc.Action.FORWARD_SIGTERM:
-            delivered = process.send(self.child, signal.SIGTERM, group=self.settings.signal_group)
-            self._log.info("signal", signal="SIGTERM", forwarded=delivered)
-            self._stopper.arm()
+    def _act(self, action: Action) -> None:
+        match action:
+            case Action.START_WARMUP:
+                self._spawn("warmup", self._warm_up())
+            case Action.CANCEL_WARMUP:
+                self._cancel("warmup")
+            case Action.START_DRAIN:
+                self._start_drain()
+            case Action.SKIP_DRAIN:
+                self._cut_drain_short(Outcome.SKIPPED)
+            case Action.CANCEL_DRAIN:
+                self._cut_drain_short(Outcome.CHILD_EXITED)
+            case Action.FORWARD_SIGTERM:
+                self._forward(signal.SIGTERM)
+            case Action.EXIT:
+                for name in list(self._tasks):
+                    self._cancel(name)
+            case _:
+                assert_never(action)
 
-    def _spawn(self, name: str, coro: Any) -> None:
-        if self._tg is not None:
-            self._tasks[name] = self._tg.create_task(coro, name=name)
+    def _spawn(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
+        if self._tg is None:
+            coro.close()  # no task group (yet): nothing runs it
+            return
+        self._tasks[name] = self._tg.create_task(coro, name=name)
 
     def _cancel(self, name: str) -> None:
         task = self._tasks.pop(name, None)
         if task is not None:
             task.cancel()
 
-    # --- tasks ------------------------------------------------------------------------
+    # --- loops: I/O in, events out ------------------------------------------------------
 
-    async def _watch_health(self) -> None:
+    async def _watch_child(self, exited: asyncio.Future[int]) -> None:
+        wait_status = await exited
+        self.apply(
+            ChildExited(process.shell_status(wait_status), process.fatal_signal(wait_status))
+        )
+
+    async def _poll_health(self) -> None:
         """Poll upstream health for the whole life of the child."""
         interval = self.settings.health_interval
         timeout = min(5.0, max(1.0, 4 * interval))
@@ -209,25 +272,27 @@ class Gate:
         while True:
             ok, why = await self.upstream.health(self.settings.warmup.health_path, timeout=timeout)
             if not ok:
-                self.counters.health_failures += 1
-            self._apply(lc.HealthOk() if ok else lc.HealthFailed(why))
+                self.health_failures += 1
+            decision = self.apply(HealthOk() if ok else HealthFailed(why))
             now = time.monotonic()
-            if self.life.phase is lc.Phase.LOADING:
-                if now - self.started_mono > self.settings.startup_timeout:
-                    self.exit_reason = "upstream_never_healthy"
-                    self._log.error(
-                        "startup_timeout", after_s=self.settings.startup_timeout, last=why
-                    )
-                    self._apply(lc.StartupTimedOut())
-                elif now >= next_progress:
-                    self._log.info(
-                        "waiting",
-                        phase="loading",
-                        elapsed_s=round(now - self.started_mono, 1),
-                        last=why,
-                    )
-                    next_progress = now + PROGRESS_EVERY_S
+            if decision.changed and self.life.startup_failure == "upstream_never_healthy":
+                self._log.error("startup_timeout", after_s=self.settings.startup_timeout, last=why)
+            elif self.life.phase is Phase.LOADING and now >= next_progress:
+                elapsed = round(now - self.started_mono, 1)
+                self._log.info("waiting", phase="loading", elapsed_s=elapsed, last=why)
+                next_progress = now + PROGRESS_EVERY_S
             await asyncio.sleep(interval)
+
+    async def _take_readings(self) -> None:
+        """psutil and NVML, read off the event loop about once a second, never per probe."""
+        while True:
+            rss, found = await asyncio.to_thread(self._read_host)
+            self._host = _HostReadings(rss, found)
+            self.publish()
+            await asyncio.sleep(READINGS_EVERY_S)
+
+    def _read_host(self) -> tuple[int | None, list[Mapping[str, Any]] | None]:
+        return process_tree_rss(self.child.pid), gpus()
 
     async def _warm_up(self) -> None:
         settings = self.settings.warmup
@@ -266,7 +331,7 @@ class Gate:
 
         snap = await asyncio.to_thread(snapshot, self.cache.dirs)
         self.cache.record(when, snap)
-        self.counters.cache_bytes = self.cache.sizes()
+        self.publish()
         engine = self.cache.engine.as_status()
         self._log.info(
             "cache", phase=when, bytes=snap.size_bytes, files=snap.file_count,
@@ -286,78 +351,74 @@ class Gate:
     def _warmup_done(self, ok: bool, detail: str) -> None:
         if not ok:
             self._log.error("warmup_failed", error=detail, policy=self.settings.on_warmup_failure)
-            if self.settings.on_warmup_failure == "fail":
-                self.exit_reason = "warmup_failed"
-        self._apply(lc.WarmupFinished(ok, detail))
+        self.apply(WarmupFinished(ok, detail))
 
-    async def _drain(self) -> None:
-        """Wait for --drain-min and an idle upstream, at most until the drain deadline."""
+    # --- the drain: the policy decides, these carry it out -------------------------------
+
+    def _start_drain(self) -> None:
         settings = self.settings
-        began = time.monotonic()
-        deadline, earliest = began + settings.drain_deadline, began + settings.drain_min
-        zero_polls, warned = 0, False
-        self.drain = {
-            "started_at": self._wall(began),
-            "deadline_s": settings.drain_deadline,
-            "outcome": "draining",
-        }
+        self.drain = DrainPolicy(
+            time.monotonic(), minimum=settings.drain_min, deadline=settings.drain_deadline
+        )
         self._log.info(
             "drain", phase="draining", deadline_s=settings.drain_deadline, min_s=settings.drain_min
         )
+        self._spawn("drain", self._poll_drain())
+
+    async def _poll_drain(self) -> None:
+        """Read the upstream's requests in flight until the drain policy says it is over."""
         while True:
-            inflight = await self.upstream.inflight(settings.inflight_metrics)
-            now = time.monotonic()
-            self.counters.drain_inflight = inflight
-            self.counters.drain_seconds = now - began
-            self.drain.update(inflight=inflight, seconds=round(now - began, 2))
-            self.drain.update(await asyncio.to_thread(self._in_flight_names))
-            if inflight is None and not warned:
-                warned = True
-                self._log.warning(
-                    "drain_no_metrics",
-                    note="upstream has no in-flight gauges; waiting --drain-min only",
-                )
-            zero_polls = zero_polls + 1 if inflight == 0 else 0
-            idle = inflight is None or zero_polls >= 2
-            if idle and now >= earliest:
-                # Without gauges nothing was checked: say so rather than "emptied".
-                self._finish_drain("emptied" if inflight is not None else "no_metrics")
-                return
-            if now >= deadline:
-                self._finish_drain("timed_out")
-                return
-            await asyncio.sleep(min(0.5, max(0.0, deadline - now)))
+            in_flight = await self.upstream.inflight(self.settings.inflight_metrics)
+            names = await asyncio.to_thread(self._in_flight_names)
+            match self.drain_polled(in_flight, names):
+                case Continue(wait=wait):
+                    await asyncio.sleep(wait)
+                case Done():
+                    return
 
-    def _drain_cut_short(self) -> None:
+    def drain_polled(self, in_flight: float | None, names: Mapping[str, object]) -> Verdict:
+        """One reading of the upstream's requests in flight, handed to the drain policy."""
+        assert self.drain is not None, "no drain was started"
+        verdict = self.drain.on_poll(time.monotonic(), in_flight, names)
+        if verdict.warn_no_metrics:
+            self._log.warning(
+                "drain_no_metrics",
+                note="upstream has no in-flight gauges; waiting --drain-min only",
+            )
+        if isinstance(verdict, Done):
+            self._drain_ended(verdict.outcome)
+            self.apply(DrainDone())
+        else:
+            self.publish()
+        return verdict
+
+    def _cut_drain_short(self, outcome: Outcome) -> None:
         """A second SIGTERM, or the child exiting on its own, ended the drain early."""
-        if self.drain.get("outcome") != "draining":
-            return
-        outcome = "child_exited" if self.life.child_status is not None else "skipped"
-        self.drain["seconds"] = round(self._wall(time.monotonic()) - self.drain["started_at"], 2)
-        self._log.warning("drain_done", **self._drain_outcome(outcome))
+        self._cancel("drain")
+        if self.drain is not None and self.drain.cut_short(time.monotonic(), outcome):
+            self._drain_ended(outcome)
 
-    def _finish_drain(self, outcome: str) -> None:
-        emit = self._log.info if outcome == "emptied" else self._log.warning
-        emit("drain_done", **self._drain_outcome(outcome))
-        self._apply(lc.DrainDone())
+    def _drain_ended(self, outcome: Outcome) -> None:
+        self.publish()
+        emit = self._log.info if outcome is Outcome.EMPTIED else self._log.warning
+        emit("drain_done", **self._drain_fields())
 
-    def _drain_outcome(self, outcome: str) -> dict[str, Any]:
-        """Record how the drain ended; the drain_done fields, naming what may still run."""
-        self.drain["outcome"] = outcome
+    def _drain_fields(self) -> dict[str, Any]:
+        """The drain_done line: how it ended, and what may still run (named where known)."""
+        assert self.drain is not None
+        state = self.drain.state
         fields: dict[str, Any] = {
-            "outcome": outcome,
-            "inflight": self.drain.get("inflight"),
-            "seconds": self.drain.get("seconds"),
+            "outcome": str(state.outcome),
+            "inflight": state.inflight,
+            "seconds": round(state.seconds, 2),
+            **state.names,
         }
-        if outcome not in NAMED_OUTCOMES:  # nothing left running: the names are stale
-            for key in NAME_KEYS:
-                self.drain.pop(key, None)
-            return fields
-        fields.update((k, self.drain[k]) for k in NAME_KEYS if k in self.drain)
-        if self.requests is None and servers.recognise(self.settings.command) in (
+        may_run = state.outcome is not None and state.outcome.may_leave_requests
+        ids_unknown = self.requests is None and servers.recognise(self.settings.command) in (
             servers.VLLM,
             servers.SIM,
-        ):
+        )
+        if may_run and ids_unknown:
             fields["requests_hint"] = (
                 "start vLLM with --enable-log-requests --enable-log-outputs "
                 "to name the requests by id"
@@ -375,37 +436,17 @@ class Gate:
 
     # --- helpers ----------------------------------------------------------------------
 
-    def _exit_code(self, status: int) -> int:
-        code = process.exit_code(status)
-        if self.exit_reason == "upstream_never_healthy":
-            return int(Exit.UPSTREAM_NEVER_HEALTHY)
-        if self.exit_reason == "warmup_failed":
-            return int(Exit.WARMUP_FAILED)
-        return code
-
     def exit_fields(self) -> dict[str, Any]:
+        """What the exit line adds in warm-up mode: the phase, JIT misses, the drain."""
         fields: dict[str, Any] = {
             "phase": self.life.phase.value,
             "jit_misses_after_ready": self.jit.after_ready,
         }
-        if self.drain:
-            fields["drain"] = self.drain.get("outcome")
-            fields["inflight"] = self.drain.get("inflight")
-            fields.update((k, self.drain[k]) for k in NAME_KEYS if k in self.drain)
+        if self.drain is not None:
+            state = self.drain.state
+            outcome = state.outcome.value if state.outcome is not None else None
+            fields.update(drain=outcome, inflight=state.inflight, **state.names)
         return fields
 
     def _wall(self, mono: float) -> float:
         return round(self.started_wall + (mono - self.started_mono), 3)
-
-    def _read_counters(self) -> Counters:
-        c = self.counters
-        c.phase = self.life.phase.value
-        now = time.monotonic()
-        spent: dict[str, float] = {}
-        transitions = self.life.transitions
-        for here, following in zip(transitions, [*transitions[1:], None], strict=True):
-            end = following.at if following is not None else now
-            spent[here.phase.value] = spent.get(here.phase.value, 0.0) + end - here.at
-        c.phase_seconds = spent
-        c.jit_misses = self.jit.after_ready
-        return c

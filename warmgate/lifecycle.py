@@ -1,14 +1,18 @@
 """The readiness lifecycle: a pure state machine, no I/O.
 
-The supervisor feeds it events (child spawned, health ok/failed, warm-up finished,
-SIGTERM, ...) with the current time, and acts on the returned `Decision`. The probe
-server asks it the three probe questions (`ready_ok`, `startup_ok`, `live_ok`).
+The gate feeds it events (child spawned, health ok/failed, warm-up finished, SIGTERM,
+...) with the current time, and carries out the returned `Decision`. It also answers the
+probe questions (`ready_ok`, `startup_ok`, `live_until`) and, once the child is gone,
+how warmgate ends (`ending`: the exit line's reason and code, from warmgate.errors'
+table).
 
     starting --ChildSpawned--> loading --HealthOk--> warming --WarmupFinished--> ready
     ready --HealthFailed x threshold--> unhealthy --HealthOk--> ready
     ready|unhealthy --Sigterm--> draining --DrainDone/ChildExited--> stopped
     starting|loading|warming --Sigterm--> draining (SIGTERM forwarded at once, no drain)
-    warm-up failure (policy "fail"), startup timeout, unexpected child exit --> failed
+    loading --HealthFailed past startup_timeout--> failed (upstream_never_healthy, 69)
+    warming --WarmupFinished(ok=False), policy "fail"--> failed (warmup_failed, 70)
+    loading|warming|ready|unhealthy --ChildExited--> failed (the child's status)
 
 Every phase change is checked against `ALLOWED` below, the one table of legal moves.
 
@@ -16,9 +20,12 @@ Choices worth knowing:
 - `draining` means "shutting down": /ready answers 503 and later health or warm-up
   reports are ignored. A pod that was Ready drains first (START_DRAIN, then
   FORWARD_SIGTERM on DrainDone); one that never was forwards SIGTERM at once.
+- The startup deadline counts from the lifecycle's creation and is checked at each
+  health report while loading; the warm-up has its own timeout.
 - ChildExited after warmgate asked the child to stop (draining) -> `stopped`; any other
-  exit, before or after Ready, is a crash -> `failed`. Either way the supervisor exits
-  with `exit_code`, which is the child's status (see that property for the one exception).
+  exit, before or after Ready, is a crash -> `failed`. Either way the child's status is
+  the exit code, unless warmgate itself failed the startup (69 or 70, as the README's
+  exit-code table says), whatever status the stopped child left.
 - `failed` is terminal: the child is told to stop (FORWARD_SIGTERM) and EXIT follows
   once it has exited.
 - A stop decided before ChildSpawned (a SIGTERM racing the spawn) is carried out
@@ -32,9 +39,13 @@ only subtracted from each other.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Literal, TypeAlias
+from typing import TypeAlias
+
+from warmgate.errors import Ending, child_ending, ending
+from warmgate.options import DEFAULTS, ON_WARMUP_FAILURE, OnWarmupFailure
 
 __all__ = [
     "ALLOWED",
@@ -51,7 +62,6 @@ __all__ = [
     "OnWarmupFailure",
     "Phase",
     "Sigterm",
-    "StartupTimedOut",
     "Transition",
     "WarmupFinished",
 ]
@@ -90,10 +100,11 @@ class Action(StrEnum):
 
     START_WARMUP = "start_warmup"  # run the warm-up plan; report WarmupFinished
     CANCEL_WARMUP = "cancel_warmup"  # abandon the warm-up in progress
-    START_DRAIN = "start_drain"  # /ready is 503 now; wait the drain period, report DrainDone
-    CANCEL_DRAIN = "cancel_drain"  # skip the rest of the drain wait (second SIGTERM)
+    START_DRAIN = "start_drain"  # /ready is 503 now; run the drain policy, report DrainDone
+    SKIP_DRAIN = "skip_drain"  # second SIGTERM: end the drain now (outcome `skipped`)
+    CANCEL_DRAIN = "cancel_drain"  # the child exited mid-drain (outcome `child_exited`)
     FORWARD_SIGTERM = "forward_sigterm"  # send SIGTERM to the child (process layer escalates)
-    EXIT = "exit"  # the child is gone: exit with `Lifecycle.exit_code`
+    EXIT = "exit"  # the child is gone: stop every task, end as `Lifecycle.ending` says
 
 
 # --- events -----------------------------------------------------------------------
@@ -132,23 +143,12 @@ class DrainDone:
 
 @dataclass(frozen=True)
 class ChildExited:
-    status: int  # as the supervisor would exit: the exit code, or 128+N if killed by signal N
-
-
-@dataclass(frozen=True)
-class StartupTimedOut:
-    pass
+    status: int  # as a shell reports it: the exit code, or 128+N if killed by signal N
+    signal: int | None = None  # N when a signal killed it
 
 
 Event: TypeAlias = (
-    ChildSpawned
-    | HealthOk
-    | HealthFailed
-    | WarmupFinished
-    | Sigterm
-    | DrainDone
-    | ChildExited
-    | StartupTimedOut
+    ChildSpawned | HealthOk | HealthFailed | WarmupFinished | Sigterm | DrainDone | ChildExited
 )
 
 
@@ -173,9 +173,6 @@ class LifecycleError(RuntimeError):
     """An event that can only come from a bug in the caller (e.g. two children)."""
 
 
-OnWarmupFailure = Literal["fail", "ready"]
-
-
 class Lifecycle:
     """Readiness state machine; see the module docstring for the rules."""
 
@@ -183,30 +180,35 @@ class Lifecycle:
         self,
         now: float,
         *,
-        unhealthy_threshold: int = 3,
-        live_grace: float = 300.0,
-        on_warmup_failure: OnWarmupFailure = "fail",
+        unhealthy_threshold: int = DEFAULTS["unhealthy_threshold"],
+        live_grace: float = DEFAULTS["live_grace"],
+        on_warmup_failure: OnWarmupFailure = DEFAULTS["on_warmup_failure"],
+        startup_timeout: float = math.inf,
     ) -> None:
+        if startup_timeout <= 0:
+            raise ValueError(f"startup_timeout must be > 0 seconds, got {startup_timeout}")
         if unhealthy_threshold < 1:
             raise ValueError(f"unhealthy_threshold must be >= 1, got {unhealthy_threshold}")
         if live_grace < 0:
             raise ValueError(f"live_grace must be >= 0 seconds, got {live_grace}")
-        if on_warmup_failure not in ("fail", "ready"):
+        if on_warmup_failure not in ON_WARMUP_FAILURE:
             raise ValueError(
-                f"on_warmup_failure must be 'fail' or 'ready', not {on_warmup_failure!r}"
+                f"on_warmup_failure must be one of {ON_WARMUP_FAILURE}, not {on_warmup_failure!r}"
             )
         self.unhealthy_threshold = unhealthy_threshold
         self.live_grace = live_grace
         self.on_warmup_failure: OnWarmupFailure = on_warmup_failure
+        self.startup_timeout = startup_timeout
         self._transitions: list[Transition] = [Transition(P.STARTING, now, "created")]
         self.child_pid: int | None = None
         self.child_status: int | None = None
+        self.child_signal: int | None = None
         self.health_failures = 0  # consecutive
         self.ready_since: float | None = None  # first time Ready; startup_ok from then on
         self.unhealthy_since: float | None = None
-        self.failure: str | None = None  # why `failed`, for /status and the exit code
+        self.failure: str | None = None  # why `failed`, for /status
+        self.startup_failure: str | None = None  # the exit reason when warmgate failed the startup
         self._drain_pending = False  # START_DRAIN issued, DrainDone not yet seen
-        self._startup_failed = False  # failed by warmgate's own decision, not a crash
 
     # --- queries ------------------------------------------------------------------
 
@@ -229,26 +231,42 @@ class Lifecycle:
         """/startup: true once the first warm-up was accepted (Ready reached); never goes back."""
         return self.ready_since is not None
 
+    def live_until(self) -> float:
+        """/live answers 200 up to this time: never once the child is gone, and only
+        `live_grace` seconds into `unhealthy`; otherwise without end (inf)."""
+        if self.child_status is not None:
+            return -math.inf
+        if self.phase is P.UNHEALTHY and self.unhealthy_since is not None:
+            return self.unhealthy_since + self.live_grace
+        return math.inf
+
     def live_ok(self, now: float) -> bool:
-        """/live: false only once the upstream has been unhealthy past `live_grace`."""
-        if self.phase is not P.UNHEALTHY or self.unhealthy_since is None:
-            return True
-        return now - self.unhealthy_since <= self.live_grace
+        """/live: false once the child is gone or the upstream stayed unhealthy past the grace."""
+        return now <= self.live_until()
+
+    def seconds_per_phase(self, now: float) -> dict[str, float]:
+        """Seconds spent in each phase so far, phases entered more than once summed."""
+        spent: dict[str, float] = {}
+        ends = [t.at for t in self._transitions[1:]] + [now]
+        for here, end in zip(self._transitions, ends, strict=True):
+            spent[here.phase.value] = spent.get(here.phase.value, 0.0) + end - here.at
+        return spent
 
     @property
-    def exit_code(self) -> int | None:
-        """The supervisor's exit status once the child is gone, else None.
+    def ending(self) -> Ending | None:
+        """How warmgate ends once the child is gone (None before): reason and exit code.
 
-        The child's status, except that a startup warmgate itself failed (warm-up
-        failure, startup timeout) never exits 0: the pod must not look like a clean stop.
+        The child's status, unless warmgate itself failed the startup: then the code of
+        that reason (69 upstream_never_healthy, 70 warmup_failed), whatever the stopped
+        child's status.
         """
         if self.child_status is None:
             return None
-        if self._startup_failed and self.child_status == 0:
-            return 1
-        return self.child_status
+        if self.startup_failure is not None:
+            return ending(self.startup_failure)
+        return child_ending(self.child_status, self.child_signal)
 
-    def snapshot(self, now: float) -> dict[str, object]:
+    def as_status(self, now: float) -> dict[str, object]:
         """Everything /status shows, as plain JSON-able values."""
         return {
             "phase": self.phase.value,
@@ -287,10 +305,8 @@ class Lifecycle:
                 return self._sigterm(now)
             case DrainDone():
                 return self._drain_done()
-            case ChildExited(status=status):
-                return self._child_exited(status, now)
-            case StartupTimedOut():
-                return self._startup_timed_out(now)
+            case ChildExited(status=status, signal=sig):
+                return self._child_exited(status, sig, now)
         raise TypeError(f"not a lifecycle event: {event!r}")
 
     def _child_spawned(self, pid: int, now: float) -> Decision:
@@ -320,6 +336,10 @@ class Lifecycle:
         self.health_failures += 1
         # Before Ready a failing /health just means "still loading"; the startup
         # timeout, not the threshold, bounds that wait.
+        if self.phase is P.LOADING and now - self._transitions[0].at > self.startup_timeout:
+            why = f"startup timed out: upstream not healthy within {self.startup_timeout:g} s"
+            actions = [Action.FORWARD_SIGTERM] if self.child_pid is not None else []
+            return self._fail(now, why, *actions, exit_reason="upstream_never_healthy")
         if self.phase is P.READY and self.health_failures >= self.unhealthy_threshold:
             self.unhealthy_since = now
             why = f"health failed {self.health_failures} times in a row"
@@ -336,7 +356,7 @@ class Lifecycle:
         why = f"warm-up failed: {detail}" if detail else "warm-up failed"
         if self.on_warmup_failure == "ready":
             return self._to_ready(now, f"{why}; serving anyway (on_warmup_failure=ready)")
-        return self._fail(now, why, Action.FORWARD_SIGTERM, startup=True)
+        return self._fail(now, why, Action.FORWARD_SIGTERM, exit_reason="warmup_failed")
 
     def _sigterm(self, now: float) -> Decision:
         if self.phase in _SERVING:
@@ -352,7 +372,7 @@ class Lifecycle:
             return Decision(
                 self.phase,
                 False,
-                (Action.CANCEL_DRAIN, Action.FORWARD_SIGTERM),
+                (Action.SKIP_DRAIN, Action.FORWARD_SIGTERM),
                 "second SIGTERM: drain skipped, stopping now",
             )
         child_running = self.child_pid is not None and self.child_status is None
@@ -367,10 +387,10 @@ class Lifecycle:
         self._drain_pending = False
         return Decision(self.phase, False, (Action.FORWARD_SIGTERM,), "drain done")
 
-    def _child_exited(self, status: int, now: float) -> Decision:
+    def _child_exited(self, status: int, sig: int | None, now: float) -> Decision:
         if self.child_status is not None:
             raise LifecycleError(f"ChildExited({status}) in {self.phase.value}: no child running")
-        self.child_status = status
+        self.child_status, self.child_signal = status, sig
         actions: list[Action] = []
         if self._drain_pending:
             self._drain_pending = False
@@ -384,15 +404,6 @@ class Lifecycle:
             actions.insert(0, Action.CANCEL_WARMUP)
         return self._fail(now, f"child exited unexpectedly with {status}", *actions)
 
-    def _startup_timed_out(self, now: float) -> Decision:
-        if self.phase not in _BEFORE_READY:
-            return self._same()  # Ready (or stopping) won the race
-        actions = [Action.FORWARD_SIGTERM] if self.child_pid is not None else []
-        if self.phase is P.WARMING:
-            actions.insert(0, Action.CANCEL_WARMUP)
-        why = f"startup timed out while {self.phase.value}"
-        return self._fail(now, why, *actions, startup=True)
-
     # --- helpers ------------------------------------------------------------------
 
     def _to_ready(self, now: float, reason: str) -> Decision:
@@ -401,9 +412,11 @@ class Lifecycle:
         self.health_failures = 0  # the threshold counts failures after Ready only
         return self._move(P.READY, now, reason)
 
-    def _fail(self, now: float, reason: str, *actions: Action, startup: bool = False) -> Decision:
+    def _fail(
+        self, now: float, reason: str, *actions: Action, exit_reason: str | None = None
+    ) -> Decision:
         self.failure = reason
-        self._startup_failed = startup
+        self.startup_failure = exit_reason
         return self._move(P.FAILED, now, reason, *actions)
 
     def _move(self, to: Phase, now: float, reason: str, *actions: Action) -> Decision:

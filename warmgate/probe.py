@@ -1,8 +1,8 @@
 """The probe server the kubelet talks to: /ready, /live, /startup, /status, /metrics.
 
-Answers come from a `ProbeView` (the supervisor's state); this module only maps
-paths to answers, so a probe costs two dictionary lookups: the answers to /ready, /live
-and /startup are built once per (path, outcome, phase).
+Answers come from a `ProbeView`: the latest `ProbeSnapshot` the main loop published, and
+the /metrics text. This module only maps paths to answers, so a probe costs two dictionary
+lookups: the answers to /ready, /live and /startup are built once per (path, outcome, phase).
 """
 
 from __future__ import annotations
@@ -10,30 +10,50 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
+import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from warmgate.httpserver import Request, Response, Server, SyncHandler, start_sync_server
+
+if TYPE_CHECKING:
+    from warmgate.telemetry import Counters
 
 PROBES = ("/ready", "/live", "/startup")
 PATHS = (*PROBES, "/status", "/metrics")
 SWITCH_INTERVAL_S = 0.0005
 
 
+@dataclass(frozen=True, slots=True)
+class ProbeSnapshot:
+    """Everything the probe thread may read, as of one moment; replaced, never changed."""
+
+    phase: str
+    ready: bool  # /ready
+    started: bool  # /startup
+    live_until: float  # /live is 200 while time.monotonic() <= this (inf: no limit)
+    status: bytes  # the /status JSON body
+    counters: Counters  # what /metrics shows besides the phase
+
+    def live(self) -> bool:
+        return time.monotonic() <= self.live_until
+
+
 class ProbeView(Protocol):
-    def phase(self) -> str: ...
-    def ready_ok(self) -> bool: ...
-    def live_ok(self) -> bool: ...
-    def startup_ok(self) -> bool: ...
-    def status(self) -> dict[str, Any]: ...
+    @property
+    def published(self) -> ProbeSnapshot:
+        """The latest snapshot: one attribute read, swapped whole by the main loop."""
+        ...
+
     def metrics(self) -> bytes: ...
 
 
 def make_handler(view: ProbeView) -> SyncHandler:
-    checks: dict[str, Callable[[], bool]] = {
-        "/ready": view.ready_ok,
-        "/live": view.live_ok,
-        "/startup": view.startup_ok,
+    checks: dict[str, Callable[[ProbeSnapshot], bool]] = {
+        "/ready": lambda snap: snap.ready,
+        "/live": ProbeSnapshot.live,
+        "/startup": lambda snap: snap.started,
     }
     # At most 3 paths x 2 outcomes x 8 phases; the server only reads a Response.
     answers: dict[tuple[str, bool, str], Response] = {}
@@ -41,7 +61,8 @@ def make_handler(view: ProbeView) -> SyncHandler:
     def handle(request: Request) -> Response:
         check = checks.get(request.path)
         if check is not None and request.method in ("GET", "HEAD"):
-            ok, phase = check(), view.phase()
+            snap = view.published
+            ok, phase = check(snap), snap.phase
             answer = answers.get((request.path, ok, phase))
             if answer is None:
                 answer = Response.json({"ok": ok, "phase": phase}, 200 if ok else 503)
@@ -54,7 +75,7 @@ def make_handler(view: ProbeView) -> SyncHandler:
         if request.method not in ("GET", "HEAD"):
             return Response.json({"error": "method not allowed"}, 405, [("Allow", "GET, HEAD")])
         if request.path == "/status":
-            return Response.json(view.status())
+            return Response(200, view.published.status, content_type="application/json")
         return Response(
             200, view.metrics(), content_type="text/plain; version=0.0.4; charset=utf-8"
         )
@@ -104,10 +125,9 @@ class ProbeThread:
     """The probe server on an event loop of its own, in its own thread.
 
     A probe then never queues behind the main loop's work (health polls, the warm-up
-    worker's events, drain polls). Since the warm-up's HTTP client moved to a process of
-    its own (warmgate.worker), the main loop is light: during a warm-up, /ready's p99 was
-    2.4 ms with the server on the main loop and 1.3-1.5 ms here (scripts/bench_probe.py).
-    The view's methods only read state, which is safe across threads.
+    worker's events, drain polls); docs/benchmarks.md has the measurements. The thread
+    shares no mutable state with the main loop: it reads the view's latest published
+    `ProbeSnapshot`, one reference that the main loop replaces whole.
     """
 
     def __init__(self, view: ProbeView, sock: socket.socket) -> None:
@@ -124,9 +144,8 @@ class ProbeThread:
     def start(self) -> None:
         # A thread that wants the GIL asks the holder to let go only after a whole switch
         # interval (5 ms by default): a probe would wait so at each loop wake-up (accept,
-        # read) while the main thread or a pump thread works. With the warm-up in this
-        # process, 0.5 ms took /ready's p99 from 10-16 to 7-8 ms; the cost is paid only
-        # while some thread waits.
+        # read) while the main thread or a pump thread works. A shorter interval costs
+        # only while some thread waits.
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         self._thread.start()
         self._started.wait(timeout=10)

@@ -200,10 +200,15 @@ def _spawn_error(cmd: str, err: int) -> SpawnError:
     return SpawnError(f"{cmd}: cannot execute: {os.strerror(err)}", EXIT_NOT_EXECUTABLE)
 
 
-def exit_code(status: int) -> int:
-    """A wait status as a shell exit code: the code, or 128+N for signal N."""
-    code = os.waitstatus_to_exitcode(status)
+def shell_status(wait_status: int) -> int:
+    """A wait status as a shell reports it (`$?`): the exit code, or 128+N for signal N."""
+    code = os.waitstatus_to_exitcode(wait_status)
     return 128 - code if code < 0 else code
+
+
+def fatal_signal(wait_status: int) -> int | None:
+    """The signal that killed the process, or None when it exited by itself."""
+    return os.WTERMSIG(wait_status) if os.WIFSIGNALED(wait_status) else None
 
 
 class Reaper:

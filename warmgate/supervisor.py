@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from warmgate import process, servers
 from warmgate.config import RunSettings, child_environment
-from warmgate.errors import Exit
+from warmgate.errors import Exit, child_ending, ending
 
 if TYPE_CHECKING:
     import asyncio
@@ -44,7 +44,7 @@ def warmup_target(settings: RunSettings, environ: dict[str, str]) -> Target | No
     return Target(url, key)
 
 
-def run(settings: RunSettings, own_vars: Iterable[str]) -> int:
+def supervise(settings: RunSettings, own_vars: Iterable[str]) -> int:
     """Spawn the child first (nothing heavy imported yet), then supervise it."""
     target = warmup_target(settings, dict(os.environ))
     sock = None
@@ -60,7 +60,6 @@ def run(settings: RunSettings, own_vars: Iterable[str]) -> int:
             return log_exit(
                 settings,
                 "probe_port_unavailable",
-                Exit.PROBE_PORT_UNAVAILABLE,
                 error=f"--port {settings.port} on {settings.host} {why}",
             )
     env = child_environment(os.environ, own_vars)
@@ -82,7 +81,7 @@ def run(settings: RunSettings, own_vars: Iterable[str]) -> int:
     except process.SpawnError as exc:
         process.unblock_signals()
         reason = "command_not_found" if exc.code == Exit.NOT_FOUND else "not_executable"
-        return log_exit(settings, reason, exc.code, error=str(exc))
+        return log_exit(settings, reason, error=str(exc))
 
     from warmgate import log
 
@@ -107,14 +106,14 @@ def run(settings: RunSettings, own_vars: Iterable[str]) -> int:
 
     try:
         return uvloop.run(
-            _supervise(settings, child, target, sock, cache_report.report if cache_report else None)
+            _run_until_child_exits(
+                settings, child, target, sock, cache_report.report if cache_report else None
+            )
         )
     except Exception as exc:  # a bug of ours must still stop the child and say why, once
         process.send(child, signal.SIGKILL, group=True)
         log.get().exception("internal_error")
-        return log_exit(
-            settings, "internal_error", Exit.INTERNAL_ERROR, error=f"{type(exc).__name__}: {exc}"
-        )
+        return log_exit(settings, "internal_error", error=f"{type(exc).__name__}: {exc}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,13 +146,15 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def _supervise(
+async def _run_until_child_exits(
     settings: RunSettings,
     child: process.Child,
     target: Target | None,
     sock: socket.socket | None,
     cache_report: Any = None,
 ) -> int:
+    """The supervisor's event loop: signals, reaping, the gate (warm-up mode), then the
+    leftovers' stop and the exit line; returns the exit code."""
     import asyncio
 
     from warmgate import log
@@ -161,7 +162,7 @@ async def _supervise(
     logger = log.get()
     loop = asyncio.get_running_loop()
     exited: asyncio.Future[int] = loop.create_future()
-    stopper = _Stopper(settings, child, loop)
+    signals = _ChildSignals(settings, child, loop)
     gate = None
     if target is not None:
         # httpx's __init__ also loads its command-line client when click and rich are
@@ -169,7 +170,7 @@ async def _supervise(
         sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
         from warmgate.gate import Gate
 
-        gate = Gate(settings, child, target.url, target.api_key, cache_report)
+        gate = Gate(settings, child, target.url, target.api_key, signals.forward, cache_report)
         for warning in settings.drain_warnings():
             logger.warning("config", note=warning)
     pumps = _start_pumps(
@@ -180,14 +181,9 @@ async def _supervise(
         loop.call_soon_threadsafe(exited.set_result, status)
 
     reaper = process.Reaper(child.pid, on_main_exit)
-
-    def on_signal(sig: signal.Signals) -> None:
-        delivered = process.send(child, sig, group=settings.signal_group)
-        logger.info("signal", signal=sig.name, forwarded=delivered, group=settings.signal_group)
-        if sig in process.STOP_SIGNALS:
-            stopper.arm()
-
-    handler: Callable[[signal.Signals], None] = gate.on_signal if gate is not None else on_signal
+    handler: Callable[[signal.Signals], None] = (
+        gate.on_signal if gate is not None else signals.forward
+    )
     for sig in process.FORWARDED_SIGNALS:
         loop.add_signal_handler(sig, handler, sig)
     for sig in (signal.SIGTTIN, signal.SIGTTOU):
@@ -196,31 +192,30 @@ async def _supervise(
 
     if gate is not None:
         assert sock is not None
-        code = await gate.run(exited, sock, stopper)
-        status = exited.result()
+        end = await gate.drive_lifecycle(exited, sock)
+        wait_status = exited.result()
     else:
-        status = await exited
-        code = process.exit_code(status)
-    stopper.cancel()
+        wait_status = await exited
+        end = child_ending(process.shell_status(wait_status), process.fatal_signal(wait_status))
+    signals.cancel()
     killed = await _sweep(child, settings.stop_timeout)
     reaper.join(timeout=1.0)
     for pump in pumps:
         pump.join(timeout=1.0)
     extra: dict[str, Any] = gate.exit_fields() if gate is not None else {}
-    reason = gate.exit_reason if gate is not None and gate.exit_reason else None
-    if reason is None:
-        reason = "child_killed" if os.WIFSIGNALED(status) else "child_exited"
-    if os.WIFSIGNALED(status):
-        extra["signal"] = signal.Signals(os.WTERMSIG(status)).name
-    if code != process.exit_code(status):
-        extra["child_code"] = process.exit_code(status)
+    fatal = process.fatal_signal(wait_status)
+    if fatal is not None:
+        extra["signal"] = signal.Signals(fatal).name
+    if end.code != process.shell_status(wait_status):
+        extra["child_code"] = process.shell_status(wait_status)
     if killed:
         extra["killed_leftovers"] = killed
-    return log_exit(settings, reason, code, **extra)
+    return log_exit(settings, end.reason, end.code, **extra)
 
 
-class _Stopper:
-    """Stop escalation: SIGKILL the child's group if it outlives --stop-timeout."""
+class _ChildSignals:
+    """Signals to the child: forward one and log it, and SIGKILL the child's group if it
+    outlives --stop-timeout after a stop signal."""
 
     def __init__(
         self, settings: RunSettings, child: process.Child, loop: asyncio.AbstractEventLoop
@@ -228,8 +223,14 @@ class _Stopper:
         self._settings, self._child, self._loop = settings, child, loop
         self._timer: asyncio.TimerHandle | None = None
 
-    def arm(self) -> None:
-        if self._timer is None:
+    def forward(self, sig: signal.Signals) -> None:
+        """Send `sig` to the child (or its group), log it, and arm the stop timer if it stops."""
+        group = self._settings.signal_group
+        delivered = process.send(self._child, sig, group=group)
+        from warmgate import log
+
+        log.get().info("signal", signal=sig.name, forwarded=delivered, group=group)
+        if sig in process.STOP_SIGNALS and self._timer is None:
             self._timer = self._loop.call_later(self._settings.stop_timeout, self._kill)
 
     def _kill(self) -> None:
@@ -283,16 +284,23 @@ async def _sweep(child: process.Child, grace: float) -> list[int]:
     return left
 
 
-def log_exit(settings: RunSettings | None, reason: str, code: int, **fields: object) -> int:
-    """The one `event=exit` line every run ends with; returns `code`."""
+def log_exit(
+    settings: RunSettings | None, reason: str, code: int | None = None, **fields: object
+) -> int:
+    """The one `event=exit` line every run ends with; returns the exit code.
+
+    `reason` is a row of warmgate.errors.EXIT_REASONS, which gives the code; `code` is
+    needed only where the table leaves it open (the child's status, an error's own code).
+    """
     from warmgate import log
 
+    end = ending(reason, code)
     if settings is None:
         log.configure()
     else:
         log.configure(settings.log_level, settings.log_format)
-    ok = code == 0 or reason in ("child_exited", "child_killed")
-    (log.get().info if ok else log.get().error)("exit", reason=reason, code=int(code), **fields)
+    ok = end.code == 0 or reason in ("child_exited", "child_killed")
+    (log.get().info if ok else log.get().error)("exit", reason=reason, code=end.code, **fields)
     process.flush_std()
     sys.stderr.flush()
-    return int(code)
+    return end.code

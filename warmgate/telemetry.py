@@ -9,31 +9,46 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Protocol
+
+from warmgate.lifecycle import Phase
 
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
 
-PHASES = ("starting", "loading", "warming", "ready", "unhealthy", "draining", "stopped", "failed")
+PHASES = tuple(phase.value for phase in Phase)
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Counters:
-    """What the supervisor counts as it runs; /metrics reads it at scrape time."""
+    """What the supervisor has counted, as of one snapshot; /metrics shows it at scrape time."""
 
-    phase: str = "starting"
-    phase_seconds: dict[str, float] = field(default_factory=dict)
+    phase_seconds: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
     health_failures: int = 0
     jit_misses: int = 0
     drain_inflight: float | None = None
     drain_seconds: float = 0.0
-    cache_bytes: dict[str, int] = field(default_factory=dict)
+    cache_bytes: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+
+
+class Reading(Protocol):
+    """The latest published state: its phase and its counters."""
+
+    @property
+    def phase(self) -> str: ...
+    @property
+    def counters(self) -> Counters: ...
 
 
 class Metrics:
-    """warmgate's own registry: a histogram fed by the warm-up, gauges read from `Counters`."""
+    """warmgate's own registry: a histogram fed by the warm-up, gauges read from a `Reading`.
 
-    def __init__(self, read: Callable[[], Counters]) -> None:
+    `read` is called from the probe thread at scrape time: it must only hand over an
+    immutable reading, never compute one.
+    """
+
+    def __init__(self, read: Callable[[], Reading]) -> None:
         from prometheus_client import CollectorRegistry, Histogram
 
         self.registry = CollectorRegistry(auto_describe=True)
@@ -56,13 +71,14 @@ class Metrics:
 
 
 class _StateCollector:
-    def __init__(self, read: Callable[[], Counters]) -> None:
+    def __init__(self, read: Callable[[], Reading]) -> None:
         self._read = read
 
     def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        c = self._read()
+        reading = self._read()
+        c, current = reading.counters, reading.phase
         phase = GaugeMetricFamily(
             "warmgate_phase", "1 for the current lifecycle phase.", labels=["phase"]
         )
@@ -70,12 +86,12 @@ class _StateCollector:
             "warmgate_phase_seconds", "Seconds spent in each phase.", labels=["phase"]
         )
         for name in PHASES:
-            phase.add_metric([name], 1.0 if c.phase == name else 0.0)
+            phase.add_metric([name], 1.0 if current == name else 0.0)
             spent.add_metric([name], c.phase_seconds.get(name, 0.0))
         yield phase
         yield spent
         yield GaugeMetricFamily(
-            "warmgate_ready", "1 while /ready answers 200.", value=float(c.phase == "ready")
+            "warmgate_ready", "1 while /ready answers 200.", value=float(current == Phase.READY)
         )
         yield CounterMetricFamily(
             "warmgate_health_failures",

@@ -1,9 +1,9 @@
 """The warm-up in a process of its own, so that its HTTP client never holds our GIL.
 
-With 64 warm-up requests in flight, httpx kept warmgate's main thread on a CPU most of
-the time, and the probe server's thread waited for the GIL: `/ready` had a p99 of 4-10 ms
-during a warm-up (docs/benchmarks.md). Here the warm-up's client costs the probe server
-nothing but a pipe read per event.
+With many warm-up requests in flight, httpx keeps a Python thread busy most of the time;
+in warmgate's own process the probe server's thread would wait for the GIL behind it
+(docs/benchmarks.md has the measurements). Here the warm-up's client costs the probe
+server nothing but a pipe read per event.
 
 `warmgate run` spawns `python -m warmgate.worker PARENT_PID` with posix_spawn, sends the
 settings on its stdin (pickled: both ends are this same package) and reads one JSON event
