@@ -301,7 +301,12 @@ def test_drain_timeout_stops_the_child_and_counts_what_was_left(pods: Pods, mode
         finished = [o[1]["choices"][0]["finish_reason"] for o in outcomes if isinstance(o, tuple)]
         assert "abort" in finished, outcomes
     else:  # a child that never finishes is SIGKILLed --stop-timeout (2 s) later
-        assert code == end["code"] == 128 + signal.SIGKILL and end["signal"] == "SIGKILL", end
+        assert code == end["code"] == 128 + signal.SIGKILL, end
+        assert (end["reason"], end["signal"], end["child_signal"]) == (
+            "stopped",
+            "SIGTERM",
+            "SIGKILL",
+        ), end
         assert pod.events("stop_timeout")
         assert all(isinstance(o, Exception) for o in outcomes), outcomes
     (drain,), (forwarded,) = pod.events("drain"), pod.events("signal")
@@ -373,7 +378,9 @@ def test_sigterm_before_ready_is_forwarded_at_once(pods: Pods) -> None:
     (forwarded,) = pod.events("signal")
     assert forwarded["signal"] == "SIGTERM" and forwarded["forwarded"] is True
     assert pod.events("phase")[-2]["reason"] == "SIGTERM before ready: stopping"
-    assert "drain" not in pod.exit_event()
+    end = pod.exit_event()
+    assert "drain" not in end
+    assert (end["reason"], end["signal"], end["phase"]) == ("stopped", "SIGTERM", "stopped"), end
 
 
 def test_sigint_after_ready_is_forwarded_at_once(pods: Pods) -> None:
@@ -385,6 +392,10 @@ def test_sigint_after_ready_is_forwarded_at_once(pods: Pods) -> None:
     assert not pod.events("drain")
     (forwarded,) = pod.events("signal")
     assert forwarded["signal"] == "SIGINT" and forwarded["forwarded"] is True
+    # A stop that was asked for: not "child exited unexpectedly", not a failure.
+    assert pod.events("phase")[-1]["phase"] == "stopped"
+    end = pod.exit_event()
+    assert (end["reason"], end["signal"], end["phase"]) == ("stopped", "SIGINT", "stopped"), end
 
 
 def test_second_sigterm_skips_the_rest_of_the_drain(pods: Pods) -> None:

@@ -88,7 +88,7 @@ def test_sigterm_after_ready_drains_until_idle_then_forwards(
     assert forwarded.sent == [signal.SIGTERM]
 
     gate.apply(ChildExited(0))
-    assert gate.life.ending == Ending("child_exited", 0)
+    assert gate.life.ending == Ending("stopped", 0)
     assert gate.exit_fields() | {"drain": "emptied", "inflight": 0} == gate.exit_fields()
     assert probe_answer(gate, "/live")[0] == 503  # the child is gone
 
@@ -118,7 +118,7 @@ def test_a_child_exit_mid_drain_ends_it_as_child_exited(gate: Gate, forwarded: R
     gate.drain_polled(1, {"connections": ["127.0.0.1:4002"]})
     gate.apply(ChildExited(137, signal.SIGKILL))
     assert forwarded.sent == []
-    assert gate.life.ending == Ending("child_killed", 137)
+    assert gate.life.ending == Ending("stopped", 137)
     assert gate.exit_fields()["drain"] == "child_exited"
     assert "connections" not in gate.exit_fields()  # nothing can still run
 

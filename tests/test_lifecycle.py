@@ -24,6 +24,7 @@ from warmgate.lifecycle import (
     OnWarmupFailure,
     Phase,
     Sigterm,
+    StopAsked,
     WarmupFinished,
 )
 
@@ -154,7 +155,7 @@ def test_sigterm_after_ready_drains_then_forwards() -> None:
     assert life.handle(DrainDone(), 61.0) == Decision(P.DRAINING)  # a duplicate changes nothing
     d = life.handle(ChildExited(0), 62.0)
     assert (d.phase, d.actions) == (P.STOPPED, (A.EXIT,))
-    assert life.ending == Ending("child_exited", 0)
+    assert life.ending == Ending("stopped", 0) and life.stop_signal == "SIGTERM"
 
 
 def test_sigterm_while_unhealthy_also_drains() -> None:
@@ -174,7 +175,7 @@ def test_sigterm_before_ready_forwards_at_once(phase: Phase, actions: tuple[Acti
     assert life.handle(WarmupFinished(ok=True), 51.0) == Decision(P.DRAINING)  # late report
     assert life.handle(DrainDone(), 52.0) == Decision(P.DRAINING)  # no drain was started
     assert life.handle(ChildExited(143, signal.SIGTERM), 53.0).phase is P.STOPPED
-    assert not life.startup_ok() and life.ending == Ending("child_killed", 143)
+    assert not life.startup_ok() and life.ending == Ending("stopped", 143)
 
 
 def test_sigterm_racing_the_spawn_stops_the_child_once_it_exists() -> None:
@@ -257,7 +258,8 @@ def test_unexpected_child_exit_is_a_failure(phase: Phase) -> None:
     d = life.handle(ChildExited(139), 50.0)
     assert d.phase is P.FAILED and d.actions[-1] is A.EXIT
     assert (A.CANCEL_WARMUP in d.actions) == (phase is P.WARMING)
-    assert life.ending == Ending("child_exited", 139) and "139" in (life.failure or "")
+    reason = "engine_died_during_warmup" if phase is P.WARMING else "child_exited"
+    assert life.ending == Ending(reason, 139) and "139" in (life.failure or "")
     assert life.handle(HealthOk(), 51.0) == Decision(P.FAILED)
 
 
@@ -368,4 +370,49 @@ def test_no_ending_while_the_child_runs() -> None:
     life.handle(Sigterm(), 50.0)
     assert life.ending is None
     life.handle(ChildExited(137, signal.SIGKILL), 51.0)
-    assert life.ending == Ending("child_killed", 137)
+    assert life.ending == Ending("stopped", 137)
+
+
+@pytest.mark.parametrize("phase", [P.LOADING, P.WARMING, P.READY])
+def test_a_stop_the_child_already_heard_stops_without_forwarding(phase: Phase) -> None:
+    life = at(phase)
+    d = life.handle(StopAsked("SIGINT"), 50.0)
+    expected = (A.CANCEL_WARMUP,) if phase is P.WARMING else ()
+    assert (d.phase, d.actions) == (P.DRAINING, expected)  # no FORWARD_SIGTERM: it has it
+    assert not life.ready_ok()
+    assert life.handle(ChildExited(0), 51.0).phase is P.STOPPED
+    assert life.ending == Ending("stopped", 0) and life.stop_signal == "SIGINT"
+
+
+def test_a_stop_during_the_drain_skips_the_rest_and_the_first_stop_is_named() -> None:
+    life = at(P.READY)
+    life.handle(Sigterm(), 50.0)
+    assert life.handle(StopAsked("SIGINT"), 51.0).actions == (A.SKIP_DRAIN,)
+    assert life.handle(DrainDone(), 52.0).actions == ()  # the drain is over already
+    assert life.handle(StopAsked("SIGQUIT"), 53.0).actions == ()
+    life.handle(ChildExited(130), 54.0)
+    assert life.ending == Ending("stopped", 130) and life.stop_signal == "SIGTERM"
+
+
+def test_a_stop_after_failing_changes_nothing() -> None:
+    life = at(P.WARMING)
+    life.handle(WarmupFinished(ok=False, detail="boom"), 50.0)
+    assert life.handle(StopAsked("SIGINT"), 51.0) == Decision(P.FAILED)
+    life.handle(ChildExited(0), 52.0)
+    assert life.ending == Ending("warmup_failed", 70) and life.stop_signal is None
+
+
+@pytest.mark.parametrize(("status", "code"), [(0, 70), (1, 1), (139, 139)])
+def test_an_engine_that_dies_during_the_warm_up_is_never_a_success(status: int, code: int) -> None:
+    life = at(P.WARMING)
+    d = life.handle(ChildExited(status), 50.0)
+    assert (d.phase, d.actions) == (P.FAILED, (A.CANCEL_WARMUP, A.EXIT))
+    assert life.ending == Ending("engine_died_during_warmup", code)
+    assert "engine died during warm-up" in (life.failure or "")
+
+
+def test_an_engine_that_dies_while_loading_or_serving_ends_with_its_status() -> None:
+    for phase in (P.LOADING, P.READY):
+        life = at(phase)
+        life.handle(ChildExited(0), 50.0)
+        assert life.phase is P.FAILED and life.ending == Ending("child_exited", 0)

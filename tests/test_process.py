@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from wgutil import WARMGATE, alive, child, events, exit_event, run, start, wait_for
+from wgutil import WARMGATE, Running, alive, child, events, exit_event, run, start, wait_for
 
 from warmgate.process import FORWARDED_SIGNALS
 
@@ -85,6 +85,20 @@ def test_every_forwarded_signal_reaches_the_child(tmp_path: Path) -> None:
         proc.kill()
     got = _lines(record)
     assert got == ["ready", *[s.name for s in expected], "SIGTERM"]
+
+
+def test_a_stop_signal_forwarded_in_plain_mode_ends_as_stopped() -> None:
+    warmgate = Running(["run", "--", sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        warmgate.wait_event("spawn", timeout=10)
+        warmgate.proc.send_signal(signal.SIGINT)
+        code = warmgate.wait(timeout=15)
+    finally:
+        warmgate.stop()
+    end = exit_event(warmgate.stderr)
+    # Python re-raises an unhandled KeyboardInterrupt as death by SIGINT: 130.
+    assert (end["reason"], end["code"], end["signal"]) == ("stopped", 130, "SIGINT"), end
+    assert end["child_signal"] == "SIGINT" and code == 130
 
 
 def test_signal_group_reaches_grandchild(tmp_path: Path) -> None:

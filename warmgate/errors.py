@@ -51,6 +51,19 @@ EXIT_REASONS: Mapping[str, ExitReason] = MappingProxyType(
                 "the child died of signal N (137 = SIGKILL, 143 = SIGTERM)",
                 "128+N",
             ),
+            ExitReason(
+                "stopped",
+                None,
+                "the child exited after a stop that was asked for: SIGTERM (after the drain), "
+                "SIGINT or SIGQUIT forwarded, or Ctrl-C in the terminal; `signal` names it",
+                "child's code",
+            ),
+            ExitReason(
+                "engine_died_during_warmup",
+                None,
+                "the child exited during the warm-up; the exit line names the shapes in flight",
+                "child's code, or 70",
+            ),
             ExitReason("usage", Exit.USAGE, "bad flags, bad environment variable, no command"),
             ExitReason(
                 "upstream_never_healthy",

@@ -45,6 +45,7 @@ from warmgate.lifecycle import (
     Lifecycle,
     Phase,
     Sigterm,
+    StopAsked,
     WarmupFinished,
 )
 from warmgate.telemetry import Counters, Metrics, gpus, process_tree_rss
@@ -205,11 +206,14 @@ class Gate:
         return ending
 
     def on_signal(self, sig: signal.Signals) -> None:
-        """SIGTERM goes through the lifecycle (drain); every other signal is forwarded at once."""
+        """SIGTERM goes through the lifecycle (drain); every other signal is forwarded at
+        once, and a stop signal among them tells the lifecycle a stop was asked for."""
         if sig == signal.SIGTERM:
             self.apply(Sigterm())
-        else:
-            self._forward(sig)
+            return
+        self._forward(sig)
+        if sig in process.STOP_SIGNALS:
+            self.apply(StopAsked(sig.name))
 
     def apply(self, event: Event) -> Decision:
         """Hand one event to the lifecycle, publish what changed, carry out its actions."""

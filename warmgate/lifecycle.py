@@ -10,9 +10,11 @@ table).
     ready --HealthFailed x threshold--> unhealthy --HealthOk--> ready
     ready|unhealthy --Sigterm--> draining --DrainDone/ChildExited--> stopped
     starting|loading|warming --Sigterm--> draining (SIGTERM forwarded at once, no drain)
+    any phase but stopped|failed --StopAsked--> draining (the child heard SIGINT or SIGQUIT)
     loading --HealthFailed past startup_timeout--> failed (upstream_never_healthy, 69)
     warming --WarmupFinished(ok=False), policy "fail"--> failed (warmup_failed, 70)
-    loading|warming|ready|unhealthy --ChildExited--> failed (the child's status)
+    warming --ChildExited--> failed (engine_died_during_warmup: the child's code, or 70)
+    loading|ready|unhealthy --ChildExited--> failed (the child's status)
 
 Every phase change is checked against `ALLOWED` below, the one table of legal moves.
 
@@ -22,10 +24,13 @@ Choices worth knowing:
   FORWARD_SIGTERM on DrainDone); one that never was forwards SIGTERM at once.
 - The startup deadline counts from the lifecycle's creation and is checked at each
   health report while loading; the warm-up has its own timeout.
-- ChildExited after warmgate asked the child to stop (draining) -> `stopped`; any other
-  exit, before or after Ready, is a crash -> `failed`. Either way the child's status is
-  the exit code, unless warmgate itself failed the startup (69 or 70, as the README's
-  exit-code table says), whatever status the stopped child left.
+- ChildExited after a stop was asked for (draining) -> `stopped`, and the run ends as
+  `stopped`, naming the signal (`stop_signal`): SIGTERM, or a SIGINT/SIGQUIT the shell
+  forwarded or the terminal sent the child (StopAsked). Any other exit, before or after
+  Ready, is a crash -> `failed`. The child's status is the exit code, unless warmgate
+  itself failed the startup (69 or 70, as the README's exit-code table says, whatever
+  status the stopped child left), or the engine died during the warm-up: a crash is
+  never a success there, so a child that exited 0 ends with 70.
 - `failed` is terminal: the child is told to stop (FORWARD_SIGTERM) and EXIT follows
   once it has exited.
 - A stop decided before ChildSpawned (a SIGTERM racing the spawn) is carried out
@@ -44,7 +49,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TypeAlias
 
-from warmgate.errors import Ending, child_ending, ending
+from warmgate.errors import Ending, Exit, child_ending, ending
 from warmgate.options import DEFAULTS, ON_WARMUP_FAILURE, OnWarmupFailure
 
 __all__ = [
@@ -62,6 +67,7 @@ __all__ = [
     "OnWarmupFailure",
     "Phase",
     "Sigterm",
+    "StopAsked",
     "Transition",
     "WarmupFinished",
 ]
@@ -93,6 +99,7 @@ ALLOWED: dict[Phase, frozenset[Phase]] = {
 }
 _BEFORE_READY = frozenset({P.STARTING, P.LOADING, P.WARMING})
 _SERVING = frozenset({P.READY, P.UNHEALTHY})
+ENGINE_DIED = "engine_died_during_warmup"
 
 
 class Action(StrEnum):
@@ -137,6 +144,14 @@ class Sigterm:
 
 
 @dataclass(frozen=True)
+class StopAsked:
+    """A stop signal other than SIGTERM reached the child already: forwarded by the shell,
+    or sent by the terminal to the child's process group (Ctrl-C)."""
+
+    signal: str  # its name, e.g. "SIGINT"
+
+
+@dataclass(frozen=True)
 class DrainDone:
     pass
 
@@ -148,7 +163,14 @@ class ChildExited:
 
 
 Event: TypeAlias = (
-    ChildSpawned | HealthOk | HealthFailed | WarmupFinished | Sigterm | DrainDone | ChildExited
+    ChildSpawned
+    | HealthOk
+    | HealthFailed
+    | WarmupFinished
+    | Sigterm
+    | StopAsked
+    | DrainDone
+    | ChildExited
 )
 
 
@@ -208,6 +230,7 @@ class Lifecycle:
         self.unhealthy_since: float | None = None
         self.failure: str | None = None  # why `failed`, for /status
         self.startup_failure: str | None = None  # the exit reason when warmgate failed the startup
+        self.stop_signal: str | None = None  # the first stop asked for, named on the exit line
         self._drain_pending = False  # START_DRAIN issued, DrainDone not yet seen
 
     # --- queries ------------------------------------------------------------------
@@ -262,8 +285,12 @@ class Lifecycle:
         """
         if self.child_status is None:
             return None
+        if self.startup_failure == ENGINE_DIED:
+            return ending(ENGINE_DIED, self.child_status or Exit.WARMUP_FAILED)
         if self.startup_failure is not None:
             return ending(self.startup_failure)
+        if self.phase is P.STOPPED and self.stop_signal is not None:
+            return ending("stopped", self.child_status)
         return child_ending(self.child_status, self.child_signal)
 
     def as_status(self, now: float) -> dict[str, object]:
@@ -303,6 +330,8 @@ class Lifecycle:
                 return self._warmup_finished(ok, detail, now)
             case Sigterm():
                 return self._sigterm(now)
+            case StopAsked(signal=name):
+                return self._stop_asked(name, now)
             case DrainDone():
                 return self._drain_done()
             case ChildExited(status=status, signal=sig):
@@ -359,6 +388,8 @@ class Lifecycle:
         return self._fail(now, why, Action.FORWARD_SIGTERM, exit_reason="warmup_failed")
 
     def _sigterm(self, now: float) -> Decision:
+        if self.phase not in (P.STOPPED, P.FAILED):
+            self.stop_signal = self.stop_signal or "SIGTERM"
         if self.phase in _SERVING:
             self._drain_pending = True
             return self._move(P.DRAINING, now, "SIGTERM: draining", Action.START_DRAIN)
@@ -381,6 +412,19 @@ class Lifecycle:
             return Decision(self.phase, False, (Action.FORWARD_SIGTERM,), "SIGTERM forwarded again")
         return self._same()
 
+    def _stop_asked(self, name: str, now: float) -> Decision:
+        """The child already heard the signal: stop waiting for anything, forward nothing."""
+        if self.phase in (P.STOPPED, P.FAILED):
+            return self._same()
+        self.stop_signal = self.stop_signal or name
+        if self.phase is P.DRAINING:
+            if not self._drain_pending:
+                return self._same()
+            self._drain_pending = False
+            return Decision(self.phase, False, (Action.SKIP_DRAIN,), f"{name}: drain skipped")
+        actions = [Action.CANCEL_WARMUP] if self.phase is P.WARMING else []
+        return self._move(P.DRAINING, now, f"{name}: stopping", *actions)
+
     def _drain_done(self) -> Decision:
         if not self._drain_pending:
             return self._same()  # the drain was skipped, or the child already left
@@ -402,6 +446,8 @@ class Lifecycle:
             return Decision(self.phase, False, tuple(actions), f"child exited with {status}")
         if self.phase is P.WARMING:
             actions.insert(0, Action.CANCEL_WARMUP)
+            why = f"engine died during warm-up: child exited with {status}"
+            return self._fail(now, why, *actions, exit_reason=ENGINE_DIED)
         return self._fail(now, f"child exited unexpectedly with {status}", *actions)
 
     # --- helpers ------------------------------------------------------------------

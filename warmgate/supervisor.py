@@ -197,14 +197,21 @@ async def _run_until_child_exits(
     else:
         wait_status = await exited
         end = child_ending(process.shell_status(wait_status), process.fatal_signal(wait_status))
+        if signals.stop_signal is not None:
+            end = ending("stopped", end.code)
     signals.cancel()
     killed = await _sweep(child, settings.stop_timeout)
     reaper.join(timeout=1.0)
     for pump in pumps:
         pump.join(timeout=1.0)
     extra: dict[str, Any] = gate.exit_fields() if gate is not None else {}
+    stop_signal = gate.life.stop_signal if gate is not None else signals.stop_signal
     fatal = process.fatal_signal(wait_status)
-    if fatal is not None:
+    if end.reason == "stopped":
+        extra["signal"] = stop_signal  # the stop asked for; the child's own death apart
+        if fatal is not None:
+            extra["child_signal"] = signal.Signals(fatal).name
+    elif fatal is not None:
         extra["signal"] = signal.Signals(fatal).name
     if end.code != process.shell_status(wait_status):
         extra["child_code"] = process.shell_status(wait_status)
@@ -222,6 +229,7 @@ class _ChildSignals:
     ):
         self._settings, self._child, self._loop = settings, child, loop
         self._timer: asyncio.TimerHandle | None = None
+        self.stop_signal: str | None = None  # the first stop signal forwarded (plain-init mode)
 
     def forward(self, sig: signal.Signals) -> None:
         """Send `sig` to the child (or its group), log it, and arm the stop timer if it stops."""
@@ -230,8 +238,10 @@ class _ChildSignals:
         from warmgate import log
 
         log.get().info("signal", signal=sig.name, forwarded=delivered, group=group)
-        if sig in process.STOP_SIGNALS and self._timer is None:
-            self._timer = self._loop.call_later(self._settings.stop_timeout, self._kill)
+        if sig in process.STOP_SIGNALS:
+            self.stop_signal = self.stop_signal or sig.name
+            if self._timer is None:
+                self._timer = self._loop.call_later(self._settings.stop_timeout, self._kill)
 
     def _kill(self) -> None:
         from warmgate import log
@@ -299,7 +309,7 @@ def log_exit(
         log.configure()
     else:
         log.configure(settings.log_level, settings.log_format)
-    ok = end.code == 0 or reason in ("child_exited", "child_killed")
+    ok = end.code == 0 or reason in ("child_exited", "child_killed", "stopped")
     (log.get().info if ok else log.get().error)("exit", reason=reason, code=end.code, **fields)
     process.flush_std()
     sys.stderr.flush()
