@@ -27,6 +27,8 @@ def start(
     args: Sequence[str], env: dict[str, str] | None = None, **kw: Any
 ) -> subprocess.Popen[bytes]:
     full_env = {**os.environ, "WARMGATE_LOG_FORMAT": "json", **(env or {})}
+    # No terminal unless a test gives one: pytest run by hand must not lend warmgate its own.
+    kw.setdefault("stdin", subprocess.DEVNULL)
     return subprocess.Popen(
         [*WARMGATE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, **kw
     )

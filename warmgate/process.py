@@ -47,6 +47,11 @@ FORWARDED_SIGNALS: tuple[signal.Signals, ...] = tuple(
 # Signals after which the child is expected to exit, so stop escalation starts.
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT})
 
+# What a terminal sends its foreground process group: ^C and ^\ (stty intr, quit).
+TERMINAL_STOPS = (signal.SIGINT, signal.SIGQUIT)
+_SI_KERNEL = 0x80  # si_code of a signal the kernel sent (the terminal's), not kill(2)
+_SENTINEL_EXIT = signal.SIGRTMIN  # never forwarded, so it reaches the sentinel from warmgate only
+
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 EXIT_NOT_FOUND = 127
@@ -167,7 +172,10 @@ def _exec_child(
     try:
         os.setpgid(0, 0)
         if tty is not None:
-            os.tcsetpgrp(tty, os.getpid())  # allowed: SIGTTOU is still blocked here
+            # From what is now a background group, tcsetpgrp stops us unless SIGTTOU is
+            # blocked; the mask is cleared before exec below.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTTOU})
+            os.tcsetpgrp(tty, os.getpid())
         for sig in range(1, signal.NSIG):
             with contextlib.suppress(OSError, ValueError):
                 signal.signal(sig, signal.SIG_DFL)
@@ -198,6 +206,85 @@ def _spawn_error(cmd: str, err: int) -> SpawnError:
     if err in (errno.ENOENT, errno.ENOTDIR):
         return SpawnError(f"{cmd}: command not found", EXIT_NOT_FOUND)
     return SpawnError(f"{cmd}: cannot execute: {os.strerror(err)}", EXIT_NOT_EXECUTABLE)
+
+
+@dataclass(frozen=True, slots=True)
+class Sentinel:
+    """A process in the child's process group that tells warmgate about ^C and ^\\.
+
+    The terminal signals its foreground group alone, which the child holds, so warmgate
+    would otherwise see only the child's exit. `reports` gets one byte per signal the
+    terminal sent: its number. Signals sent by kill(2), warmgate's own forwarding with
+    --signal-group included, are not reported.
+    """
+
+    pid: int
+    reports: int  # read end of the pipe
+
+    def ask_to_exit(self) -> bool:
+        """Report what has arrived, then exit (EOF on `reports`); False if it is gone."""
+        try:
+            os.kill(self.pid, _SENTINEL_EXIT)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+
+
+def start_sentinel(child: Child) -> Sentinel:
+    """Fork the sentinel into `child`'s process group (call before any thread starts)."""
+    reports, write_end = os.pipe()
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the sentinel, which only _exits
+        os.close(reports)
+        _watch_terminal(child.pgid, write_end, parent)
+    os.close(write_end)
+    os.set_blocking(reports, False)
+    with contextlib.suppress(OSError):  # joined from both sides, as shells do: no window
+        os.setpgid(pid, child.pgid)
+    return Sentinel(pid, reports)
+
+
+def read_reports(fd: int) -> list[signal.Signals] | None:
+    """The signals a sentinel reported since the last read; None once it has exited."""
+    try:
+        data = os.read(fd, 64)
+    except BlockingIOError:
+        return []
+    except OSError:
+        return None
+    return [signal.Signals(signo) for signo in data] if data else None
+
+
+def _watch_terminal(pgid: int, reports: int, parent: int) -> None:  # pragma: no cover
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, signal.valid_signals())
+        for sig in TERMINAL_STOPS:  # while ignored, a signal would not even be queued
+            signal.signal(sig, signal.SIG_DFL)
+        die_with_parent(parent)
+        os.setpgid(0, pgid)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        for fd in map(int, os.listdir("/proc/self/fd")):  # the probe socket, the cache lock
+            if fd > 2 and fd != reports:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        while True:
+            # One thread, lowest signal first: a ^C queued before warmgate's exit request
+            # is always reported before the sentinel exits.
+            info = signal.sigwaitinfo({*TERMINAL_STOPS, _SENTINEL_EXIT})
+            if info.si_signo == _SENTINEL_EXIT:
+                if info.si_pid == parent:
+                    return
+            elif info.si_code == _SI_KERNEL:
+                os.write(reports, bytes([info.si_signo]))
+    finally:
+        os._exit(0)
 
 
 def shell_status(wait_status: int) -> int:

@@ -11,11 +11,11 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from warmgate import process, servers
+from warmgate import options, process, servers
 from warmgate.config import RunSettings, child_environment
 from warmgate.errors import Exit, child_ending, ending
 
@@ -70,18 +70,21 @@ def supervise(settings: RunSettings, own_vars: Iterable[str]) -> int:
         process.become_subreaper()
     process.block_signals()
     interactive = os.isatty(1) or os.isatty(2)
+    tty = process.foreground_tty()
     try:
         child = process.spawn(
             settings.command,
             env,
             capture_output=not interactive,
             pdeathsig=not process.is_pid1(),
-            tty=process.foreground_tty(),
+            tty=tty,
         )
     except process.SpawnError as exc:
         process.unblock_signals()
         reason = "command_not_found" if exc.code == Exit.NOT_FOUND else "not_executable"
         return log_exit(settings, reason, error=str(exc))
+    # The terminal's ^C reaches the child's group alone; a sentinel there tells us of it.
+    sentinel = process.start_sentinel(child) if tty is not None else None
 
     from warmgate import log
 
@@ -92,6 +95,7 @@ def supervise(settings: RunSettings, own_vars: Iterable[str]) -> int:
         argv=list(child.argv),
         pid1=process.is_pid1(),
         mode="warmup" if target else "plain",
+        **({"terminal_sentinel": sentinel.pid} if sentinel is not None else {}),
     )
     for warning in cache_warnings:
         log.get().warning("cache", note=warning)
@@ -107,7 +111,12 @@ def supervise(settings: RunSettings, own_vars: Iterable[str]) -> int:
     try:
         return uvloop.run(
             _run_until_child_exits(
-                settings, child, target, sock, cache_report.report if cache_report else None
+                settings,
+                child,
+                target,
+                sock,
+                cache_report.report if cache_report else None,
+                sentinel,
             )
         )
     except Exception as exc:  # a bug of ours must still stop the child and say why, once
@@ -152,6 +161,7 @@ async def _run_until_child_exits(
     target: Target | None,
     sock: socket.socket | None,
     cache_report: Any = None,
+    sentinel: process.Sentinel | None = None,
 ) -> int:
     """The supervisor's event loop: signals, reaping, the gate (warm-up mode), then the
     leftovers' stop and the exit line; returns the exit code."""
@@ -177,8 +187,26 @@ async def _run_until_child_exits(
         child, gate.scan_output if gate is not None else None
     )  # threads start with signals blocked
 
+    terminal = None
+    if sentinel is not None:
+        from warmgate.lifecycle import StopAsked
+
+        def stop_heard(sig: signal.Signals) -> None:
+            if gate is not None:
+                gate.apply(StopAsked(sig.name))
+            else:
+                signals.heard(sig)
+
+        terminal = _TerminalStops(sentinel, loop, stop_heard)
+
+    def child_exited(status: int) -> None:
+        if terminal is None:
+            exited.set_result(status)
+        else:  # every ^C typed before the child's exit is heard before that exit
+            terminal.close(then=lambda: exited.set_result(status))
+
     def on_main_exit(status: int) -> None:
-        loop.call_soon_threadsafe(exited.set_result, status)
+        loop.call_soon_threadsafe(child_exited, status)
 
     reaper = process.Reaper(child.pid, on_main_exit)
     handler: Callable[[signal.Signals], None] = (
@@ -200,7 +228,8 @@ async def _run_until_child_exits(
         if signals.stop_signal is not None:
             end = ending("stopped", end.code)
     signals.cancel()
-    killed = await _sweep(child, settings.stop_timeout)
+    spare = frozenset({sentinel.pid}) if sentinel is not None else frozenset()
+    killed = await _sweep(child, settings.stop_timeout, spare)
     reaper.join(timeout=1.0)
     for pump in pumps:
         pump.join(timeout=1.0)
@@ -243,6 +272,11 @@ class _ChildSignals:
             if self._timer is None:
                 self._timer = self._loop.call_later(self._settings.stop_timeout, self._kill)
 
+    def heard(self, sig: signal.Signals) -> None:
+        """The child heard a stop from the terminal: record it, forward nothing, arm no
+        timer (an interactive child may go on after ^C; tini's terminal semantics)."""
+        self.stop_signal = self.stop_signal or sig.name
+
     def _kill(self) -> None:
         from warmgate import log
 
@@ -253,6 +287,61 @@ class _ChildSignals:
     def cancel(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+
+
+class _TerminalStops:
+    """^C and ^\\ typed into the terminal the child holds, as the sentinel reports them.
+
+    The child has the signal already, so nothing is forwarded: `on_stop` records the stop.
+    """
+
+    EXIT_WAIT_S = 1.0  # the sentinel's exit takes microseconds; SIGKILL after this
+
+    def __init__(
+        self,
+        sentinel: process.Sentinel,
+        loop: asyncio.AbstractEventLoop,
+        on_stop: Callable[[signal.Signals], None],
+    ):
+        self._sentinel, self._loop, self._on_stop = sentinel, loop, on_stop
+        self._open = True
+        self._then: list[Callable[[], None]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        loop.add_reader(sentinel.reports, self._read)
+
+    def _read(self) -> None:
+        from warmgate import log
+
+        reports = process.read_reports(self._sentinel.reports)
+        for sig in reports or ():
+            log.get().info("signal", signal=sig.name, source="terminal", forwarded=False)
+            self._on_stop(sig)
+        if reports is None:
+            self._closed()
+
+    def close(self, then: Callable[[], None]) -> None:
+        """Hear what the sentinel still has to report, see it exit, then call `then`."""
+        self._then.append(then)
+        if not self._open:
+            self._closed()
+        elif self._sentinel.ask_to_exit():
+            self._timer = self._loop.call_later(self.EXIT_WAIT_S, self._kill)
+        else:
+            self._read()
+
+    def _kill(self) -> None:
+        self._sentinel.kill()
+        self._closed()
+
+    def _closed(self) -> None:
+        if self._open:
+            self._open = False
+            self._loop.remove_reader(self._sentinel.reports)
+            os.close(self._sentinel.reports)
+        if self._timer is not None:
+            self._timer.cancel()
+        while self._then:
+            self._then.pop(0)()
 
 
 def _start_pumps(
@@ -266,15 +355,21 @@ def _start_pumps(
     return pumps
 
 
-async def _sweep(child: process.Child, grace: float) -> list[int]:
+async def _sweep(
+    child: process.Child, grace: float, spare: frozenset[int] = frozenset()
+) -> list[int]:
     """Once the main child is gone, stop whatever it left behind: SIGTERM, then SIGKILL.
 
-    As PID 1 the kernel would do this when we exit; as a subreaper we must.
-    Returns the pids that needed SIGKILL.
+    As PID 1 the kernel would do this when we exit; as a subreaper we must. `spare`:
+    pids already stopped (the sentinel, which may take a moment to die). Returns the
+    pids that needed SIGKILL.
     """
     import asyncio
 
-    left = process.descendants()
+    def leftovers() -> list[int]:
+        return [pid for pid in process.descendants() if pid not in spare]
+
+    left = leftovers()
     if not left:
         return []
     with contextlib.suppress(ProcessLookupError):
@@ -282,14 +377,14 @@ async def _sweep(child: process.Child, grace: float) -> list[int]:
     process.kill_all(left, signal.SIGTERM)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
-    while (left := process.descendants()) and loop.time() < deadline:
+    while (left := leftovers()) and loop.time() < deadline:
         await asyncio.sleep(0.05)
     if left:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pgid, signal.SIGKILL)
         process.kill_all(left, signal.SIGKILL)
         deadline = loop.time() + 2.0
-        while process.descendants() and loop.time() < deadline:
+        while leftovers() and loop.time() < deadline:
             await asyncio.sleep(0.01)
     return left
 
@@ -306,7 +401,7 @@ def log_exit(
 
     end = ending(reason, code)
     if settings is None:
-        log.configure()
+        log.configure(*_log_choice_from_env(os.environ))
     else:
         log.configure(settings.log_level, settings.log_format)
     ok = end.code == 0 or reason in ("child_exited", "child_killed", "stopped")
@@ -314,3 +409,14 @@ def log_exit(
     process.flush_std()
     sys.stderr.flush()
     return end.code
+
+
+def _log_choice_from_env(environ: Mapping[str, str]) -> tuple[str, str]:
+    """Log level and format for an error before the settings exist: the WARMGATE_*
+    variables when they hold a valid choice (a pod's JSON logs stay JSON), else the defaults."""
+    chosen = []
+    for name in ("log_level", "log_format"):
+        row = options.option("run", name)
+        value = environ.get(row.envvar or "", "")
+        chosen.append(value if value in row.choices else str(row.default))
+    return chosen[0], chosen[1]
