@@ -175,7 +175,7 @@ def _settings(argv: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPa
         monkeypatch.delenv(key)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr(supervisor, "run", fake_supervise)
+    monkeypatch.setattr(supervisor, "supervise", fake_supervise)
     assert argv[:2] == ["warmgate", "run"]
     assert cli.main(argv[1:]) == 0, f"`{shlex.join(argv)}` was refused (see stderr)"
     (settings,) = captured
