@@ -298,20 +298,180 @@ def test_slow_sender_times_out_with_408_and_idle_connection_is_closed(flavour: s
     run(scenario(), flavour)
 
 
-def test_connections_over_the_cap_are_closed_at_once(flavour: str) -> None:
+def test_a_dribbled_head_over_the_cap_gets_431_and_close(flavour: str) -> None:
+    """h11 holds at most max_header_bytes of a head that is still arriving."""
+
+    async def scenario() -> None:
+        async with serving(flavour, max_header_bytes=1024) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"GET / HTTP/1.1\r\nhost: t\r\nx-big: ")
+            for _ in range(5):  # 1,280 bytes in all, in pieces, never a whole head
+                await asyncio.sleep(0.01)
+                writer.write(b"a" * 256)
+            received = await asyncio.wait_for(reader.read(), WAIT_S)
+            assert received.startswith(b"HTTP/1.1 431 ")
+            await asyncio.wait_for(server.wait_connections_closed(), WAIT_S)
+            writer.close()
+
+    run(scenario(), flavour)
+
+
+async def headless(server: Server, count: int) -> list[Client]:
+    """`count` connections that send nothing, each one known to the server in turn."""
+    clients = []
+    for _ in range(count):
+        clients.append(await Client.open(server))
+        await until(lambda: len(server._headless) == len(clients))
+    return clients
+
+
+def test_at_the_cap_a_new_connection_evicts_the_oldest_headless_one(flavour: str) -> None:
+    async def scenario() -> None:
+        async with serving(flavour, max_connections=3) as server:
+            oldest, middle = await headless(server, 2)
+            # A head begun but not finished is headless too, and newer than the others.
+            mid_head = await Client.open(server)
+            mid_head.writer.write(b"GET /late HTTP/1.1\r\nhost")
+            await until(lambda: len(server._headless) == 3)
+            newcomer = await Client.open(server)
+            newcomer.send("GET", "/new")
+            assert (await newcomer.response())[1] == b"GET /new ? "
+            assert await oldest.closed_by_server()
+            assert server.evicted == 1
+            for client, path in ((middle, "/middle"), (mid_head, None)):
+                if path is None:
+                    client.writer.write(b": t\r\n\r\n")
+                    raw = await client.reader.readuntil(b"GET /late ? ")
+                    assert raw.startswith(b"HTTP/1.1 200 ")
+                else:
+                    client.send("GET", path)
+                    assert (await client.response())[1] == b"GET /middle ? "
+            assert server.evicted == 1 and server.connection_count == 3
+
+    run(scenario(), flavour)
+
+
+def test_an_idle_keep_alive_connection_is_evicted_before_one_mid_head(flavour: str) -> None:
     async def scenario() -> None:
         async with serving(flavour, max_connections=2) as server:
-            clients = [await Client.open(server) for _ in range(2)]
-            for client in clients:  # a round trip proves each one is accepted
-                client.send("GET", "/")
-                await client.response()
-            extra = await Client.open(server)
-            assert await extra.closed_by_server()
-            clients[0].close()
-            await asyncio.sleep(0.05)
+            mid_head = await Client.open(server)  # the older of the two
+            mid_head.writer.write(b"GET /slow HTTP/1.1\r\n")
+            await until(lambda: len(server._headless) == 1)
+            kept_alive = await Client.open(server)
+            kept_alive.send("GET", "/done")
+            await kept_alive.response()
+            await until(lambda: len(server._kept_alive) == 1)
+            newcomer = await Client.open(server)
+            newcomer.send("GET", "/new")
+            assert (await newcomer.response())[1] == b"GET /new ? "
+            assert await kept_alive.closed_by_server()
+            mid_head.writer.write(b"host: t\r\n\r\n")
+            assert (await mid_head.response())[1] == b"GET /slow ? "
+            assert server.evicted == 1
+
+    run(scenario(), flavour)
+
+
+def test_when_every_connection_is_answering_a_new_one_is_refused(async_flavour: str) -> None:
+    started, release = asyncio.Semaphore(0), asyncio.Event()
+
+    async def handler(request: Request) -> Response:
+        started.release()
+        await asyncio.wait_for(release.wait(), WAIT_S)
+        return Response.text(request.path)
+
+    async def scenario() -> None:
+        server = await start_server(handler, "127.0.0.1", 0, max_connections=2)
+        try:
+            busy = [await Client.open(server) for _ in range(2)]
+            for client in busy:
+                client.send("GET", "/busy")
+                await asyncio.wait_for(started.acquire(), WAIT_S)
+            assert await refused(server)
+            assert (server.refused, server.evicted) == (1, 0)
+            release.set()
+            for client in busy:
+                assert (await client.response())[1] == b"/busy"
+            # Answered, they wait as keep-alive connections: a newcomer evicts one of them.
+            await until(lambda: len(server._kept_alive) == 2)
             again = await Client.open(server)
             again.send("GET", "/again")
-            assert (await again.response())[1] == b"GET /again ? "
+            assert (await again.response())[1] == b"/again"
+            assert server.evicted == 1
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(scenario(), async_flavour)
+
+
+async def refused(server: Server) -> bool:
+    """A new connection is reset: at once, or as soon as it reads."""
+    try:
+        client = await Client.open(server)
+    except ConnectionResetError:
+        return True
+    return await client.closed_by_server()
+
+
+def test_a_client_that_dribbles_its_head_is_closed_at_the_head_deadline(flavour: str) -> None:
+    """The deadline runs from the request's start: a byte every 0.2 s does not extend it."""
+    head = b"GET / HTTP/1.1\r\nhost: t\r\nx-slow: " + b"a" * 200  # 40 s at that pace
+
+    async def scenario() -> None:
+        async with serving(flavour, header_timeout=0.6, idle_timeout=30) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            answer = asyncio.ensure_future(reader.read(65536))
+            sent = 0
+            with contextlib.suppress(ConnectionError):
+                while not answer.done() and sent < len(head):
+                    writer.write(head[sent : sent + 1])
+                    await writer.drain()
+                    sent += 1
+                    await asyncio.sleep(0.2)
+            assert (await asyncio.wait_for(answer, WAIT_S)).startswith(b"HTTP/1.1 408 ")
+            assert sent < len(head)  # still sending when the deadline closed it
+            assert await _closed(reader)
+            writer.close()
+
+    run(scenario(), flavour)
+
+
+async def _closed(reader: asyncio.StreamReader) -> bool:
+    with contextlib.suppress(ConnectionResetError):
+        return await asyncio.wait_for(reader.read(65536), WAIT_S) == b""
+    return True
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_the_idle_time(flavour: str) -> None:
+    async def scenario() -> None:
+        # The head deadline is far beyond every wait here: only the idle time can close it.
+        async with serving(flavour, header_timeout=60, idle_timeout=0.2) as server:
+            client = await Client.open(server)
+            client.send("GET", "/once")
+            assert (await client.response())[0].status_code == 200
+            assert await client.closed_by_server()
+            assert server.evicted == 0
+
+    run(scenario(), flavour)
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_DEFER_ACCEPT"), reason="Linux only")
+def test_a_connection_held_silent_by_the_kernel_is_reset_without_a_transport(
+    flavour: str,
+) -> None:
+    """With defer_accept a silent connection reaches the server only when the kernel gives
+    up waiting for its first byte (past the head deadline here): it is reset at once."""
+
+    async def scenario() -> None:
+        async with serving(flavour, defer_accept=1, header_timeout=0.5) as server:
+            silent = await Client.open(server)  # the kernel completes the handshake
+            talking = await Client.open(server)
+            talking.send("GET", "/talk")
+            assert (await talking.response())[1] == b"GET /talk ? "
+            assert server.silent == 0
+            assert await silent.closed_by_server()
+            assert (server.silent, server.evicted) == (1, 0)
 
     run(scenario(), flavour)
 
@@ -544,6 +704,36 @@ def test_a_stream_waits_for_a_client_that_does_not_read(async_flavour: str) -> N
             writer.close()
 
     run(scenario(), async_flavour)
+
+
+def test_pipelined_answers_wait_for_a_client_that_does_not_read(flavour: str) -> None:
+    """Memory: answers to pipelined requests are made only as the client reads them, so the
+    write buffer stays near its high-water mark instead of holding every answer."""
+    body, count = b"x" * 65536, 200  # 12.5 MiB of answers to 6 KiB of requests
+
+    def big(request: Request) -> Response:
+        return Response(200, body)
+
+    async def scenario() -> None:
+        async with serving(flavour, big) as server:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", server.port))
+            reader, writer = await asyncio.open_connection(sock=sock)
+            writer.write(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n" * count)
+            await until(lambda: any(conn._write_paused for conn in server._connections))
+            (conn,) = server._connections
+            assert conn._transport is not None
+            assert conn._transport.get_write_buffer_size() < 1 << 20
+            received = 0
+            while received < count * len(body):
+                chunk = await asyncio.wait_for(reader.read(1 << 20), WAIT_S)
+                assert chunk
+                received += chunk.count(b"x")
+            assert received == count * len(body)
+            writer.close()
+
+    run(scenario(), flavour)
 
 
 def test_a_stream_that_fails_cuts_the_connection(async_flavour: str) -> None:

@@ -83,15 +83,39 @@ def make_handler(view: ProbeView) -> SyncHandler:
     return handle
 
 
+# Open probe connections at most. warmgate's whole process (the probe thread, the main loop,
+# the child's pipes, the worker, NVML) must stay under the default `ulimit -n` of 1024, so
+# this leaves FDS_FOR_THE_REST free and the kernel's listen backlog queues what is beyond;
+# a full server evicts idle or head-less connections, so the cap is never a probe's limit.
+MAX_CONNECTIONS = 768
+FDS_FOR_THE_REST = 256  # the rest of warmgate, one accept batch beyond the cap, and room
+HEAD_TIMEOUT_S = 2.0  # the kubelet sends its whole request at once
+IDLE_TIMEOUT_S = 1.0  # the kubelet never reuses a connection; a scraper reconnects cheaply
+# The kubelet sends its request as soon as it connects (a tcpSocket probe sends nothing and
+# needs only the handshake): a connection that stays silent is held by the kernel this long.
+DEFER_ACCEPT_S = 5
+
+
 async def serve(view: ProbeView, *, sock: socket.socket) -> Server:
     """Serve probes on an already bound socket (bound early, so a port clash fails fast)."""
-    # The kubelet opens a fresh connection per probe and sends little: tight limits are fine.
+    import resource
+
+    # A lower `ulimit -n` than the default lowers the cap with it.
+    soft_limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft_limit != resource.RLIM_INFINITY:
+        max_connections = max(16, min(MAX_CONNECTIONS, soft_limit - FDS_FOR_THE_REST))
+    else:
+        max_connections = MAX_CONNECTIONS
+    # The kubelet opens a fresh connection per probe, sends a small head and no body.
     return await start_sync_server(
         make_handler(view),
         sock=sock,
-        max_connections=128,
+        max_connections=max_connections,
         max_header_bytes=8192,
-        header_timeout=5.0,
+        max_body_bytes=0,
+        header_timeout=HEAD_TIMEOUT_S,
+        idle_timeout=IDLE_TIMEOUT_S,
+        defer_accept=DEFER_ACCEPT_S,
     )
 
 
