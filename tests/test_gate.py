@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import sys
@@ -95,7 +96,9 @@ def test_ready_is_503_until_warm_then_200_and_sigterm_drains() -> None:
         metrics = http_get(port, "/metrics")[1]
         assert 'warmgate_phase{phase="ready"} 1.0' in metrics
         assert "warmgate_ready 1.0" in metrics
-        assert "warmgate_warmup_request_seconds_bucket" in metrics
+        # Labelled by the bounded feature and endpoint, never by shape.
+        assert 'warmgate_warmup_request_seconds_bucket{endpoint="/v1/chat/completions"' in metrics
+        assert "family=" not in metrics
 
         running.proc.send_signal(signal.SIGTERM)
         assert running.wait(timeout=30) == 0
@@ -203,7 +206,9 @@ def test_status_and_metrics_never_fail_while_state_changes(tmp_path: Path) -> No
 def _worker(running: Running) -> int:
     """The warm-up worker's pid, once warmgate has started it."""
     pid = int(running.wait_event("warmup_worker", timeout=60)["pid"])
-    assert "warmgate.worker" in Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+    # posix_spawn's parent resumes while the child's exec is still setting up its new
+    # memory: /proc/PID/cmdline can read empty for a moment on a loaded machine.
+    wait_for(lambda: "warmgate.worker" in Path(f"/proc/{pid}/cmdline").read_bytes().decode())
     return pid
 
 
@@ -426,3 +431,40 @@ def test_probe_command_and_oneshot_warmup() -> None:
 
 def _status(port: int) -> dict[str, Any]:
     return http_get(port, "/status")[1]  # type: ignore[no-any-return]
+
+
+def test_readme_metrics_table_lists_what_metrics_serves() -> None:
+    """Every metric served, with its label names, is a row of the README's table (and no more)."""
+    from types import MappingProxyType
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from warmgate.telemetry import Counters, Metrics
+
+    class Full:  # every metric present: a drain in progress, a cache, a quarantine
+        phase = "draining"
+        counters = Counters(
+            drain_inflight=2.0,
+            cache_bytes=MappingProxyType({"start": 1}),
+            quarantined=MappingProxyType({"seed": 3}),
+        )
+
+    meter = Metrics(lambda: Full())
+    meter.observe("seed", "/v1/completions", 0.5)
+    served: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(meter.render().decode()):
+        if family.name.endswith("_created"):
+            continue  # the histogram's creation time, named in its row
+        name = family.name + ("_total" if family.type == "counter" else "")
+        served[name] = {
+            label for sample in family.samples for label in sample.labels if label != "le"
+        }
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme.split("### Metrics", 1)[1].split("\n## ", 1)[0]
+    documented: dict[str, set[str]] = {}
+    for row in table.splitlines():
+        if row.startswith("| `warmgate_"):
+            cells = [c.strip() for c in row.strip("|").split("|")]
+            names = re.sub(r"\([^)]*\)", "", cells[2])  # the label names, not their values
+            documented[cells[0].strip("`")] = set(re.findall(r"`(\w+)`", names))
+    assert documented == served

@@ -685,3 +685,22 @@ def test_detokenize_drops_ids_outside_the_vocabulary(sim: Sim) -> None:
 
 def test_unknown_fields_are_ignored(sim: Sim) -> None:
     completion(sim, user="u1", totally_unknown_field=1)
+
+
+def test_each_plan_shape_uses_its_own_feature_as_the_simulator_reads_it() -> None:
+    """--crash-on-feature FEATURE must hit the shapes warmgate's plan names FEATURE."""
+    from warmgate import plan
+    from warmgate.sim import api
+
+    ctx = api.Context("m", 1024, Tokenizer())
+    info = plan.UpstreamInfo((plan.ModelInfo("m", 1024),), has_tokenize=True)
+    shapes = plan.build_plan(plan.PlanSettings(concurrency=(1,)), info).shapes
+    assert {s.feature for s in shapes} == set(plan.FEATURES)
+    for shape in shapes:
+        prompt: list[int] | str = [300] * 4 if shape.prompt_kind == "tokens" else "a b c"
+        body = plan.body_for(shape, prompt)
+        chat = shape.endpoint == plan.ENDPOINTS["chat"]
+        gen = (api.parse_chat if chat else api.parse_completion)(body, ctx)
+        used = api.plan_features(gen.features)
+        assert shape.feature in used, (shape.family, used)
+        assert shape.feature == "greedy" or "greedy" not in used, (shape.family, used)

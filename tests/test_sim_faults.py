@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from simutil import Sim, run_sim, sse_events
+from simutil import Sim, run_sim, sse_events, token_prompt
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
@@ -26,6 +26,42 @@ def test_crash_during_load_never_listens() -> None:
     result = run_sim(["--load-seconds", "0.4", "--crash-during-load", "--crash-code", "3"])
     assert result.returncode == 3
     assert '"listening"' not in result.stderr
+
+
+SEEDED = {"prompt": token_prompt(300), "max_tokens": 4, "temperature": 0.8, "seed": 1234}
+CRASH_ON_SEED = ("--crash-on-feature", "seed", "--crash-above-tokens", "512", "--crash-code", "0")
+
+
+def test_crash_on_feature_spares_other_features_and_small_prefills() -> None:
+    with Sim(*CRASH_ON_SEED) as sim:
+        assert sim.post("/v1/completions", SEEDED).status_code == 200  # 300 tokens: not above
+        unseeded = {**SEEDED, "prompt": token_prompt(900)}
+        del unseeded["seed"]
+        assert sim.post("/v1/completions", unseeded).status_code == 200
+        with pytest.raises(httpx.HTTPError):  # two prompts of 300: 600 tokens scheduled
+            sim.post("/v1/completions", {**SEEDED, "prompt": [token_prompt(300, 1)] * 2})
+        assert sim.wait_exit() == 0
+    (crash,) = sim.events("crash")
+    assert "--crash-on-feature seed: 600 prompt tokens scheduled" in crash["reason"]
+
+
+def test_crash_on_feature_counts_the_prompts_already_scheduled() -> None:
+    with Sim(*CRASH_ON_SEED, "--time-scale", "1") as sim, sim.client(timeout=60) as client:
+        held = {"prompt": token_prompt(300, 2), "max_tokens": 2000, "ignore_eos": True}
+        with client.stream("POST", "/v1/completions", json={**held, "stream": True}) as stream:
+            lines = stream.iter_lines()  # held: a collected iterator would close the stream
+            next(lines)  # the first token: the long request is running
+            with pytest.raises(httpx.HTTPError):
+                sim.post("/v1/completions", SEEDED)  # 300 running + 300 arriving
+        assert sim.wait_exit() == 0
+    assert "600 prompt tokens scheduled" in sim.events("crash")[0]["reason"]
+
+
+def test_crash_on_feature_needs_a_feature_the_plan_knows() -> None:
+    wrong = run_sim(["--crash-on-feature", "temperature"])
+    assert wrong.returncode == 2 and "use one of greedy, sampling" in wrong.stderr
+    orphan = run_sim(["--crash-above-tokens", "10"])
+    assert orphan.returncode == 2 and "needs --crash-on-feature" in orphan.stderr
 
 
 def test_health_flaps_between_200_and_503() -> None:

@@ -8,6 +8,7 @@ Layout on the volume:
     <cache_dir>/<key>/slot<N>/cuda/          CUDA_CACHE_PATH (the driver's JIT cache)
     <cache_dir>/<key>/slot<N>/flashinfer/    FLASHINFER_WORKSPACE_BASE
     <cache_dir>/<key>/slot<N>/inductor/      TORCHINDUCTOR_CACHE_DIR (vLLM overrides it)
+    <cache_dir>/<key>/quarantine.json        shapes that killed the engine, shared by the slots
 
 The key (`key_for`) names what invalidates a cache: `--cache-key` (the image tag, say),
 the child's command line and the GPU model.
@@ -23,6 +24,11 @@ old one stops, a single directory would leave every second pod cold forever; wit
 slots each of them warms its own once and reuses it afterwards. The price is up to
 `max_slots` copies of the cache per key on the volume.
 
+The quarantine is one JSON file per key, `{"key": ..., "shapes": [record, ...]}`, each
+record a `plan.ShapeKey` with `reason` (in_flight | not_known_safe), `exit_code` and `at`.
+It is replaced whole (a temp file, then rename), so a reader never sees half of it; two
+pods that write at once keep the last one's merge. A new key starts without one.
+
 On NFS, Linux emulates flock with POSIX byte-range locks, which the server enforces
 across clients with NFSv4 (or NFSv3 with lockd); a volume mounted `nolock` or
 `local_lock=all` only locks within one node. An NFSv4 client cut off for longer than
@@ -31,6 +37,7 @@ the lease (90 s by default) can lose its lock.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -60,6 +67,7 @@ MAX_SLOTS = 8
 # Less free space than this and the engine could die of ENOSPC mid-compile.
 MIN_FREE_BYTES = 1024**3
 LOCK_FILE = ".lock"
+QUARANTINE_FILE = "quarantine.json"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -195,6 +203,55 @@ def prepare(
     if not environ.get("CUDA_CACHE_MAXSIZE"):
         env["CUDA_CACHE_MAXSIZE"] = str(CUDA_CACHE_MAXSIZE)
     return CacheDirs(root=root, key=key, slot=slot, env=env, dirs=dirs, lock=SlotLock(fd)), []
+
+
+def quarantine_path(dirs: CacheDirs) -> Path:
+    """`<cache_dir>/<key>/quarantine.json`: one per key, whichever slot a pod holds."""
+    return dirs.root.parent / QUARANTINE_FILE
+
+
+def read_quarantine(path: Path) -> tuple[list[dict[str, Any]], str | None]:
+    """The quarantine's records ([] when there is none yet), and a warning when the file
+    cannot be read or is not one (the warm-up then runs the whole plan)."""
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return [], None
+    except OSError as exc:
+        return [], f"quarantine {path}: {_explain(exc)}; ignored, the whole plan runs"
+    except ValueError:
+        return [], f"quarantine {path}: not JSON; ignored, the whole plan runs (delete it)"
+    shapes = data.get("shapes") if isinstance(data, dict) else None
+    if not isinstance(shapes, list):
+        return [], f"quarantine {path}: no shapes list; ignored, the whole plan runs (delete it)"
+    return [r for r in shapes if isinstance(r, dict)], None
+
+
+def write_quarantine(path: Path, key: str, records: Sequence[Mapping[str, Any]]) -> str | None:
+    """Add `records` to the quarantine (one per model and family, the first kept).
+
+    Atomic: the merge goes to a temp file beside it, fsync-ed, then renamed over it.
+    Returns a warning instead of raising: a read-only or full volume must not stop warmgate.
+    """
+    known, _ = read_quarantine(path)
+    merged: dict[tuple[Any, Any], dict[str, Any]] = {}
+    for record in [*known, *records]:
+        merged.setdefault((record.get("model"), record.get("family")), dict(record))
+    text = json.dumps({"key": key, "shapes": list(merged.values())}, indent=1)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        try:
+            os.write(fd, text.encode() + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        return f"quarantine {path}: {_explain(exc)}; not recorded, the next start runs it again"
+    return None
 
 
 def child_env(environ: Mapping[str, str], dirs: CacheDirs | None) -> dict[str, str]:

@@ -22,18 +22,28 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence, Set
 from types import MappingProxyType
 from typing import Any, assert_never
 from urllib.parse import urlsplit
 
-from warmgate import inflight, log, probe, process, servers
-from warmgate.cache import CacheReport
+from warmgate import inflight, log, plan, probe, process, servers
+from warmgate.cache import CacheReport, quarantine_path, read_quarantine, write_quarantine
 from warmgate.childlog import JitScanner
 from warmgate.config import RunSettings, WarmupSettings
-from warmgate.drain import Continue, Done, DrainPolicy, DrainState, Outcome, Verdict
+from warmgate.drain import (
+    Continue,
+    Done,
+    DrainPolicy,
+    DrainState,
+    Outcome,
+    Reading,
+    Unread,
+    Verdict,
+)
 from warmgate.errors import Ending
 from warmgate.lifecycle import (
+    ENGINE_DIED,
     Action,
     ChildExited,
     ChildSpawned,
@@ -56,6 +66,11 @@ from warmgate.worker import Worker
 PROGRESS_EVERY_S = 10.0
 READINGS_EVERY_S = 1.0
 WARMUP_ID_MARK = "warmgate-"  # in the X-Request-Id of every warm-up request
+ENGINE_EXIT_WAIT_S = 10.0  # a failed warm-up with failing health: how long to await the exit
+CRASH_NOTE = (
+    "the engine died while these warm-up requests ran: a client that sends such a request "
+    "will crash the engine too. The body (prompt removed) reproduces it for a bug report"
+)
 
 Forward = Callable[[signal.Signals], None]
 
@@ -107,6 +122,9 @@ class Gate:
         self.drain: DrainPolicy | None = None
         self.health_failures = 0  # all failed health checks, for /metrics
         self.cache = cache
+        self.quarantined: list[dict[str, Any]] = []  # the cache key's quarantine records
+        self.died_in: list[dict[str, Any]] = []  # the shapes in flight when the engine died
+        self._exited: asyncio.Future[int] | None = None
         self._host = _HostReadings()
         self._log = log.get()
         self._tg: asyncio.TaskGroup | None = None
@@ -144,6 +162,8 @@ class Gate:
             "drain": self._drain_status(self.drain.state) if self.drain is not None else None,
             "cache": self.cache.as_status() if self.cache is not None else None,
             "warnings": self.progress.warnings,
+            "engine_died": {"shapes": self.died_in, "note": CRASH_NOTE} if self.died_in else None,
+            "quarantined": self.quarantined,
         }
         drain = self.drain.state if self.drain is not None else None
         counters = Counters(
@@ -153,6 +173,7 @@ class Gate:
             drain_inflight=drain.inflight if drain is not None else None,
             drain_seconds=drain.seconds if drain is not None else 0.0,
             cache_bytes=MappingProxyType(self.cache.sizes() if self.cache is not None else {}),
+            quarantined=MappingProxyType(_count_by_feature(self.quarantined)),
         )
         return probe.ProbeSnapshot(
             phase=life.phase.value,
@@ -168,9 +189,7 @@ class Gate:
             "started_at": self._wall(state.started),
             "deadline_s": state.deadline_s,
             "outcome": str(state.outcome or "draining"),
-            "inflight": state.inflight,
-            "seconds": round(state.seconds, 2),
-            **state.names,
+            **self._drain_reading(state),
         }
 
     def scan_output(self, stream: int, data: bytes) -> None:
@@ -263,10 +282,13 @@ class Gate:
     # --- loops: I/O in, events out ------------------------------------------------------
 
     async def _watch_child(self, exited: asyncio.Future[int]) -> None:
+        self._exited = exited
         wait_status = await exited
         self.apply(
             ChildExited(process.shell_status(wait_status), process.fatal_signal(wait_status))
         )
+        if self.life.startup_failure == ENGINE_DIED:
+            self._engine_died()
 
     async def _poll_health(self) -> None:
         """Poll upstream health for the whole life of the child."""
@@ -302,6 +324,7 @@ class Gate:
         settings = self.settings.warmup
         began = time.monotonic()
         await self._measure_cache("healthy")
+        await self._read_quarantine()
         self.progress = Progress(self.meter.observe)
         try:
             async with asyncio.timeout(settings.warmup_timeout):
@@ -309,6 +332,7 @@ class Gate:
         except TimeoutError:
             self._warmup_done(False, f"--warmup-timeout {settings.warmup_timeout:g} s reached")
         except Exception as exc:  # any failure of the upstream ends in the documented outcome
+            await self._await_dying_engine()
             self._warmup_done(False, str(exc) or type(exc).__name__)
         else:
             self._warmup_done(True, "")
@@ -321,9 +345,10 @@ class Gate:
     async def _run_worker(self, settings: WarmupSettings) -> None:
         """The warm-up runs in a worker process (warmgate.worker); its events land here."""
         settings = dataclasses.replace(settings, upstream=self.upstream_url, api_key=self._api_key)
+        keys = [k for r in self.quarantined if (k := plan.ShapeKey.from_dict(r)) is not None]
         worker = Worker.spawn()
         self._log.info("warmup_worker", pid=worker.pid)
-        async with contextlib.aclosing(worker.run(settings)) as events:
+        async with contextlib.aclosing(worker.run(settings, keys)) as events:
             async for event in events:
                 self.progress.handle(event)
 
@@ -342,6 +367,94 @@ class Gate:
             hit=self.cache.hit, outcome=self.cache.outcome, new_files=self.cache.new_files,
             engine_loaded=engine["loaded"], engine_load_failures=engine["load_failures"],
         )  # fmt: skip
+
+    async def _await_dying_engine(self) -> None:
+        """The warm-up failed. If health fails too, the engine may be dying, and its exit
+        (the better verdict: engine_died_during_warmup, naming the shape) a moment away:
+        wait for it a while. The exit cancels this task; a healthy upstream costs one check."""
+        ok, _ = await self.upstream.health(self.settings.warmup.health_path, timeout=2.0)
+        if ok or self._exited is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._exited), ENGINE_EXIT_WAIT_S)
+
+    async def _read_quarantine(self) -> None:
+        """The cache key's quarantine (--cache-dir): shapes that killed the engine before."""
+        if self.cache is None:
+            return
+        path = quarantine_path(self.cache.dirs)
+        self.quarantined, warning = await asyncio.to_thread(read_quarantine, path)
+        if warning is not None:
+            self._log.warning("quarantine", note=warning)
+        self.publish()
+
+    def _engine_died(self) -> None:
+        """Name the shapes in flight when the engine died, and quarantine them (--cache-dir)."""
+        flying = self.progress.in_flight()
+        self.died_in = [{**r.key.as_dict(), "body": r.body} for r in flying]
+        ending = self.life.ending
+        fields: dict[str, Any] = {
+            "shape": ",".join(r.family for r in flying) or None,
+            "shapes": self.died_in,
+            "code": ending.code if ending is not None else None,
+            "note": CRASH_NOTE if flying else "no warm-up request was in flight",
+        }
+        if flying:
+            held = plan.to_quarantine(
+                [r.key for r in self.progress.results],
+                [r.key for r in self.progress.warmed()],
+                [r.key for r in flying],
+            )
+            fields.update(self._quarantine(held, {r.key for r in flying}))
+        self._log.error(ENGINE_DIED, **fields)
+        self.publish()
+
+    def _quarantine(
+        self, held: Sequence[plan.ShapeKey], flying: Set[plan.ShapeKey]
+    ) -> dict[str, Any]:
+        """Record `held` under the cache key, so that the next start leaves them out; the
+        log fields that say so, or how to get a quarantine."""
+        families = [k.family for k in held]
+        features = sorted({k.feature for k in held})
+        scope = (
+            f"{len(held)} shapes of feature {', '.join(features)}: the one in flight and those "
+            "larger (prompt tokens x concurrency) than any that completed; not the whole feature"
+        )
+        if self.cache is None:
+            why = (
+                "--cache-dir is unusable (see the cache warning)"
+                if self.settings.cache_dir is not None
+                else "no --cache-dir"
+            )
+            hint = (
+                f"{why}: run warmgate with --cache-dir on a volume, and the next start leaves "
+                f"out these {scope}, and becomes Ready"
+            )
+            return {"quarantine": None, "quarantine_hint": hint, "would_quarantine": families}
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        code = self.life.child_status
+        records = [
+            {
+                **k.as_dict(),
+                "reason": "in_flight" if k in flying else "not_known_safe",
+                "exit_code": code,
+                "at": at,
+            }
+            for k in held
+        ]
+        path = quarantine_path(self.cache.dirs)
+        # On the event loop: a few hundred bytes, once, while warmgate is ending anyway.
+        warning = write_quarantine(path, self.cache.dirs.key, records)
+        if warning is not None:
+            self._log.warning("quarantine", note=warning)
+            return {"quarantine": None, "would_quarantine": families}
+        known = {(r.get("model"), r.get("family")) for r in self.quarantined}
+        self.quarantined += [r for r in records if (r["model"], r["family"]) not in known]
+        return {
+            "quarantined": families,
+            "quarantine": str(path),
+            "quarantine_note": f"the next start of this cache key leaves out these {scope}",
+        }
 
     def _summarise(self, seconds: float) -> None:
         results = self.progress.results
@@ -370,24 +483,37 @@ class Gate:
         self._spawn("drain", self._poll_drain())
 
     async def _poll_drain(self) -> None:
-        """Read the upstream's requests in flight until the drain policy says it is over."""
+        """Read the upstream's requests in flight until the drain policy says it is over;
+        each poll waits no longer than the drain has left (DrainPolicy.poll_timeout)."""
+        assert self.drain is not None, "no drain was started"
         while True:
-            in_flight = await self.upstream.inflight(self.settings.inflight_metrics)
+            timeout = self.drain.poll_timeout(time.monotonic())
+            reading = await self.upstream.inflight(self.settings.inflight_metrics, timeout)
             names = await asyncio.to_thread(self._in_flight_names)
-            match self.drain_polled(in_flight, names):
+            match self.drain_polled(reading, names, timeout):
                 case Continue(wait=wait):
                     await asyncio.sleep(wait)
                 case Done():
                     return
 
-    def drain_polled(self, in_flight: float | None, names: Mapping[str, object]) -> Verdict:
-        """One reading of the upstream's requests in flight, handed to the drain policy."""
+    def drain_polled(
+        self, reading: Reading, names: Mapping[str, object], timeout: float | None = None
+    ) -> Verdict:
+        """One reading of the upstream's requests in flight (or why there is none), handed
+        to the drain policy; `timeout`: how long the poll waited at most."""
         assert self.drain is not None, "no drain was started"
-        verdict = self.drain.on_poll(time.monotonic(), in_flight, names)
-        if verdict.warn_no_metrics:
+        verdict = self.drain.on_poll(time.monotonic(), reading, names)
+        if verdict.warn is Unread.NO_GAUGES:
             self._log.warning(
                 "drain_no_metrics",
                 note="upstream has no in-flight gauges; waiting --drain-min only",
+            )
+        elif verdict.warn is Unread.NO_ANSWER:
+            self._log.warning(
+                "drain_no_answer",
+                note="upstream did not answer /metrics in time; its requests in flight are "
+                "unknown, so the drain waits for an answer or its deadline",
+                timeout_s=round(timeout, 2) if timeout is not None else None,
             )
         if isinstance(verdict, Done):
             self._drain_ended(verdict.outcome)
@@ -407,16 +533,21 @@ class Gate:
         emit = self._log.info if outcome is Outcome.EMPTIED else self._log.warning
         emit("drain_done", **self._drain_fields())
 
+    @staticmethod
+    def _drain_reading(state: DrainState) -> dict[str, Any]:
+        """The last poll: requests in flight, or why none could be read; what may still run."""
+        return {
+            "inflight": state.inflight,
+            "unread": str(state.unread) if state.unread is not None else None,
+            "seconds": round(state.seconds, 2),
+            **state.names,
+        }
+
     def _drain_fields(self) -> dict[str, Any]:
         """The drain_done line: how it ended, and what may still run (named where known)."""
         assert self.drain is not None
         state = self.drain.state
-        fields: dict[str, Any] = {
-            "outcome": str(state.outcome),
-            "inflight": state.inflight,
-            "seconds": round(state.seconds, 2),
-            **state.names,
-        }
+        fields: dict[str, Any] = {"outcome": str(state.outcome), **self._drain_reading(state)}
         may_run = state.outcome is not None and state.outcome.may_leave_requests
         ids_unknown = self.requests is None and servers.recognise(self.settings.command) in (
             servers.VLLM,
@@ -446,6 +577,8 @@ class Gate:
             "phase": self.life.phase.value,
             "jit_misses_after_ready": self.jit.after_ready,
         }
+        if self.died_in:
+            fields["shape"] = ",".join(shape["family"] for shape in self.died_in)
         if self.drain is not None:
             state = self.drain.state
             outcome = state.outcome.value if state.outcome is not None else None
@@ -454,3 +587,11 @@ class Gate:
 
     def _wall(self, mono: float) -> float:
         return round(self.started_wall + (mono - self.started_mono), 3)
+
+
+def _count_by_feature(records: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for record in records:
+        feature = str(record.get("feature"))
+        counts[feature] = counts.get(feature, 0) + 1
+    return counts

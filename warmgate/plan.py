@@ -30,8 +30,8 @@ import itertools
 import json
 import random
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from warmgate.options import DEFAULTS, FEATURES
@@ -49,6 +49,7 @@ __all__ = [
     "PlanSettings",
     "ReplaySpec",
     "Shape",
+    "ShapeKey",
     "ShapeSpec",
     "UpstreamInfo",
     "body_for",
@@ -58,6 +59,9 @@ __all__ = [
     "parse_plan_file",
     "prompt_text",
     "prompt_token_ids",
+    "redacted_body",
+    "to_quarantine",
+    "without_quarantined",
 ]
 
 Body = dict[str, Any]
@@ -254,6 +258,66 @@ class Shape:
     max_tokens: int = 0  # 0 for pooling endpoints
     fields: Mapping[str, Any] = field(default_factory=dict, hash=False)
     recorded: Mapping[str, Any] | None = field(default=None, hash=False)
+
+    @property
+    def key(self) -> ShapeKey:
+        return ShapeKey(
+            self.model,
+            self.family,
+            self.endpoint,
+            self.stream,
+            self.feature,
+            self.prompt_tokens,
+            self.concurrency,
+        )
+
+
+@dataclass(frozen=True)
+class ShapeKey:
+    """A shape as a quarantine records it and a log names it: no prompt, no body fields.
+
+    (model, family) identifies it in a plan built from the same settings and upstream.
+    """
+
+    model: str
+    family: str
+    endpoint: str  # URL path
+    stream: bool
+    feature: str
+    prompt_tokens: int
+    concurrency: int
+
+    @property
+    def load(self) -> int:
+        """Prompt tokens the shape puts in flight at once."""
+        return self.prompt_tokens * self.concurrency
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in _KEY_TYPES}
+
+    @classmethod
+    def from_dict(cls, data: object) -> ShapeKey | None:
+        """The key a record holds, or None when it is not one (another version, an edit)."""
+        if not isinstance(data, Mapping):
+            return None
+        values: dict[str, Any] = {name: data.get(name) for name in _KEY_TYPES}
+        if not all(
+            isinstance(v, kind) and (kind is not int or not isinstance(v, bool))
+            for v, kind in zip(values.values(), _KEY_TYPES.values(), strict=True)
+        ):
+            return None
+        return cls(**values)
+
+
+_KEY_TYPES: dict[str, type] = {
+    "model": str,
+    "family": str,
+    "endpoint": str,
+    "stream": bool,
+    "feature": str,
+    "prompt_tokens": int,
+    "concurrency": int,
+}
 
 
 @dataclass(frozen=True)
@@ -681,6 +745,49 @@ def _dedupe(shapes: list[Shape]) -> list[Shape]:
     return out
 
 
+# --- quarantine: shapes that killed the engine -------------------------------------
+
+
+def to_quarantine(
+    planned: Sequence[ShapeKey], completed: Collection[ShapeKey], in_flight: Sequence[ShapeKey]
+) -> tuple[ShapeKey, ...]:
+    """What to leave out of the next start after the engine died with `in_flight` running.
+
+    The shapes in flight, and every planned shape of the same feature that is not known
+    to be safe: a larger load (prompt tokens x concurrency) than the largest shape of that
+    feature that completed before the crash. Without the second part the next start would
+    die on the next such shape. Shapes, never a whole feature: smaller ones stay warmed.
+    """
+    quarantined = dict.fromkeys(in_flight)
+    done = set(completed)
+    for feature in dict.fromkeys(s.feature for s in in_flight):
+        safe = max((s.load for s in done if s.feature == feature), default=0)
+        for s in planned:
+            if s.feature == feature and s.load > safe and s not in done:
+                quarantined[s] = None
+    return tuple(quarantined)
+
+
+def without_quarantined(
+    the_plan: Plan, quarantined: Collection[ShapeKey]
+) -> tuple[Plan, tuple[Shape, ...]]:
+    """The plan less its quarantined shapes (matched by model and family), and those left out.
+
+    PlanError when nothing would be left: an empty warm-up cannot tell a healed engine
+    from a broken one.
+    """
+    names = {(q.model, q.family) for q in quarantined}
+    kept = tuple(s for s in the_plan.shapes if (s.model, s.family) not in names)
+    dropped = tuple(s for s in the_plan.shapes if (s.model, s.family) in names)
+    if dropped and not kept:
+        raise PlanError(
+            f"every shape of the plan is quarantined ({len(dropped)} killed the engine or "
+            "may kill it); fix the engine, then start with a new --cache-key or delete the "
+            "key's quarantine.json under --cache-dir"
+        )
+    return replace(the_plan, shapes=kept), dropped
+
+
 # --- requests -----------------------------------------------------------------------
 
 
@@ -712,6 +819,24 @@ def body_for(shape: Shape, prompt: Sequence[int] | str) -> Body:
         if shape.stream:
             body["stream_options"] = {"include_usage": True}  # usage lets the shell count tokens
     body.update(copy.deepcopy(dict(shape.fields)))
+    return body
+
+
+def redacted_body(shape: Shape) -> Body:
+    """The body of one request of `shape` with its prompt replaced by a placeholder that
+    names its size: what a log line or a bug report may show (never the prompt text)."""
+    placeholder = (
+        f"<{shape.prompt_tokens} prompt tokens>" if shape.prompt_tokens else "<prompt removed>"
+    )
+    body = body_for(shape, [0] if shape.prompt_kind == "tokens" else "")
+    for name in ("prompt", "input"):
+        if name in body:
+            body[name] = placeholder
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        body["messages"] = [
+            {**m, "content": placeholder} if isinstance(m, dict) else placeholder for m in messages
+        ]
     return body
 
 

@@ -30,6 +30,7 @@ class Counters:
     drain_inflight: float | None = None
     drain_seconds: float = 0.0
     cache_bytes: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    quarantined: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
 
 
 class Reading(Protocol):
@@ -45,7 +46,8 @@ class Metrics:
     """warmgate's own registry: a histogram fed by the warm-up, gauges read from a `Reading`.
 
     `read` is called from the probe thread at scrape time: it must only hand over an
-    immutable reading, never compute one.
+    immutable reading, never compute one. Labels take bounded sets only (phase, feature,
+    endpoint, moment), never a shape: /status names the shapes.
     """
 
     def __init__(self, read: Callable[[], Reading]) -> None:
@@ -54,15 +56,15 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.warmup_seconds = Histogram(
             "warmgate_warmup_request_seconds",
-            "Latency of warm-up requests, by shape family.",
-            ["family"],
+            "Latency of warm-up requests, by sampling feature and endpoint.",
+            ["feature", "endpoint"],
             registry=self.registry,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
         self.registry.register(_StateCollector(read))
 
-    def observe(self, family: str, seconds: float) -> None:
-        self.warmup_seconds.labels(family=family).observe(seconds)
+    def observe(self, feature: str, endpoint: str, seconds: float) -> None:
+        self.warmup_seconds.labels(feature=feature, endpoint=endpoint).observe(seconds)
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
@@ -119,6 +121,14 @@ class _StateCollector:
             for when, size in c.cache_bytes.items():
                 cache.add_metric([when], float(size))
             yield cache
+        quarantined = GaugeMetricFamily(
+            "warmgate_quarantined_shapes",
+            "Shapes left out of the warm-up because they killed the engine, or may.",
+            labels=["feature"],
+        )
+        for feature, count in c.quarantined.items():
+            quarantined.add_metric([feature], float(count))
+        yield quarantined
 
 
 def process_tree_rss(pid: int) -> int | None:

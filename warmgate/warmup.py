@@ -12,7 +12,7 @@ import asyncio
 import itertools
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,12 +36,19 @@ class _Unsupported(Exception):
 
 @dataclass(slots=True)
 class ShapeResult:
-    family: str
-    model: str
-    concurrency: int
-    status: str = "pending"  # converged | out_of_repeats | skipped | failed
+    key: plan.ShapeKey
+    status: str = "pending"  # running | converged | out_of_repeats | skipped | failed
     runs_ms: list[float] = field(default_factory=list)
     error: str | None = None
+    body: dict[str, Any] | None = None  # one request's body, prompt redacted (plan.redacted_body)
+
+    @property
+    def family(self) -> str:
+        return self.key.family
+
+    @property
+    def model(self) -> str:
+        return self.key.model
 
     @property
     def cold_ms(self) -> float | None:
@@ -55,6 +62,7 @@ class ShapeResult:
         return {
             "family": self.family,
             "model": self.model,
+            "feature": self.key.feature,
             "status": self.status,
             "cold_ms": _round(self.cold_ms),
             "warm_ms": _round(self.warm_ms),
@@ -143,18 +151,25 @@ Emit = Callable[[dict[str, Any]], None]
 WARMED = ("converged", "out_of_repeats")
 
 
-async def warm(upstream: Upstream, settings: WarmupSettings, emit: Emit) -> None:
+async def warm(
+    upstream: Upstream,
+    settings: WarmupSettings,
+    emit: Emit,
+    quarantined: Sequence[plan.ShapeKey] = (),
+) -> None:
     """Discover, plan and run, reporting each step to `emit` as a plain dict (see Progress).
 
+    Shapes in `quarantined` (they killed the engine before) are left out of the plan.
     Raises WarmupError when a shape fails or nothing could be warmed.
     """
     info, prompts = await discover(upstream, settings)
-    the_plan = build(settings, info)
+    the_plan, left_out = plan.without_quarantined(build(settings, info), quarantined)
     emit(
         {
             "event": "plan",
             "models": [m.id for m in info.models],
-            "shapes": [[s.family, s.model, s.concurrency] for s in the_plan.shapes],
+            "shapes": [s.key.as_dict() for s in the_plan.shapes],
+            "quarantined": [s.key.as_dict() for s in left_out],
             "warnings": list(the_plan.warnings),
         }
     )
@@ -185,6 +200,8 @@ class Runner:
         """Every shape in order; raises WarmupError if one fails or nothing was warmed."""
         warmed = False
         for index, shape in enumerate(self.plan.shapes):
+            # Before any request: if the engine dies of this shape, the gate can name it.
+            self._emit({"event": "start", "index": index, "body": plan.redacted_body(shape)})
             status, error = await self._shape(index, shape)
             self._emit({"event": "shape", "index": index, "status": status, "error": error})
             if status == "failed":
@@ -264,10 +281,11 @@ class Progress:
     warm-up in a process of its own (warmgate.worker) and reads them there.
     """
 
-    def __init__(self, observe: Callable[[str, float], None] | None = None) -> None:
+    def __init__(self, observe: Callable[[str, str, float], None] | None = None) -> None:
         self.results: list[ShapeResult] = []
         self.models: list[str] = []
         self.warnings: list[str] = []
+        self.left_out: list[plan.ShapeKey] = []  # quarantined shapes this plan left out
         self._observe = observe
         self._began = time.monotonic()
         self._log = log.get()
@@ -276,12 +294,15 @@ class Progress:
         kind = event["event"]
         if kind == "plan":
             self._plan(event)
+        elif kind == "start":
+            result = self.results[event["index"]]
+            result.status, result.body = "running", event["body"]
         elif kind == "run":
             result = self.results[event["index"]]
             result.runs_ms.append(event["ms"])
             if self._observe is not None:
                 for seconds in event["requests_s"]:
-                    self._observe(result.family, seconds)
+                    self._observe(result.key.feature, result.key.endpoint, seconds)
         elif kind == "unsupported":
             self._log.warning(
                 "feature_unsupported",
@@ -294,12 +315,29 @@ class Progress:
             result.status, result.error = event["status"], event["error"]
             self._log_shape(result, event["index"])
 
+    def in_flight(self) -> list[ShapeResult]:
+        """The shapes started and not warmed: the one running, or one that just failed."""
+        return [r for r in self.results if r.status in ("running", "failed")]
+
+    def warmed(self) -> list[ShapeResult]:
+        return [r for r in self.results if r.status in WARMED]
+
     def _plan(self, event: dict[str, Any]) -> None:
         self.models = list(event["models"])
         self.warnings += event["warnings"]
-        self.results = [ShapeResult(f, m, c) for f, m, c in event["shapes"]]
+        self.results = [ShapeResult(_key(s)) for s in event["shapes"]]
+        self.left_out = [_key(s) for s in event.get("quarantined", ())]
         for warning in event["warnings"]:
             self._log.warning("plan", note=warning)
+        if self.left_out:
+            self._log.warning(
+                "quarantine",
+                shapes=[k.family for k in self.left_out],
+                note=f"{len(self.left_out)} shapes left out of the warm-up: they killed the "
+                "engine in an earlier start of this cache key, or are larger than what it "
+                "survived. Only these shapes are left out, not their features; a client that "
+                "sends one may crash the engine",
+            )
         self._log.info("plan", shapes=len(self.results), models=self.models)
 
     def _log_shape(self, result: ShapeResult, index: int) -> None:
@@ -317,6 +355,12 @@ class Progress:
             progress=f"{done}/{len(self.results)}",
             eta_s=round(eta, 1),
         )
+
+
+def _key(record: dict[str, Any]) -> plan.ShapeKey:
+    key = plan.ShapeKey.from_dict(record)
+    assert key is not None, f"the runner sent a shape without its key fields: {record}"
+    return key
 
 
 def _invalid(reply: Reply) -> str | None:

@@ -6,8 +6,9 @@ in warmgate's own process the probe server's thread would wait for the GIL behin
 server nothing but a pipe read per event.
 
 `warmgate run` spawns `python -m warmgate.worker PARENT_PID` with posix_spawn, sends the
-settings on its stdin (pickled: both ends are this same package) and reads one JSON event
-per line from its stdout (warmgate.warmup.Progress reads them), the last one `done`. The
+settings and the quarantined shapes on its stdin (pickled: both ends are this same
+package) and reads one JSON event per line from its stdout (warmgate.warmup.Progress
+reads them), the last one `done`. The
 worker has its own process group, so a terminal's Ctrl-C does not reach it, and dies with
 its parent (PR_SET_PDEATHSIG). Cancelling the read kills it through a pidfd, which cannot
 hit a reused pid; the supervisor's reaper collects its status like any other child's.
@@ -22,11 +23,14 @@ import os
 import pickle
 import signal
 import sys
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from warmgate.config import WarmupSettings
+
+if TYPE_CHECKING:
+    from warmgate.plan import ShapeKey
 
 _LINE_LIMIT = 1 << 24  # the plan event lists every shape: generous
 # Reset in the worker: the supervisor ignores SIGTTIN/SIGTTOU, which exec would keep.
@@ -75,15 +79,19 @@ class Worker:
         os.close(events_w)
         return cls(pid, stdin_w, events_r)
 
-    async def run(self, settings: WarmupSettings) -> AsyncGenerator[dict[str, Any], None]:
-        """Send the settings, then yield each event up to `done` (which is not yielded:
-        it returns normally when the warm-up succeeded and raises otherwise)."""
+    async def run(
+        self, settings: WarmupSettings, quarantined: Sequence[ShapeKey] = ()
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """Send the settings and the shapes to leave out, then yield each event up to
+        `done` (which is not yielded: it returns normally when the warm-up succeeded and
+        raises otherwise)."""
         try:
             # The sending thread owns the pipe from here on, so that kill() can never close
             # its fd under it; a killed worker ends the write with EPIPE.
             stdin, self._stdin = self._stdin, None
             if stdin is not None:
-                await asyncio.to_thread(_send, stdin, pickle.dumps(settings))
+                job = pickle.dumps((settings, tuple(quarantined)))
+                await asyncio.to_thread(_send, stdin, job)
             async with contextlib.aclosing(self._read()) as events:
                 async for event in events:
                     if event.get("event") == "done":
@@ -145,7 +153,7 @@ def _events_out() -> IO[str]:
     return out
 
 
-async def _warm(settings: WarmupSettings, out: IO[str]) -> None:
+async def _warm(settings: WarmupSettings, quarantined: Sequence[ShapeKey], out: IO[str]) -> None:
     from warmgate.upstream import Upstream
     from warmgate.warmup import warm
 
@@ -157,7 +165,7 @@ async def _warm(settings: WarmupSettings, out: IO[str]) -> None:
         settings.upstream, api_key=settings.api_key, timeout=settings.request_timeout
     )
     try:
-        await warm(upstream, settings, emit)
+        await warm(upstream, settings, emit, quarantined)
     except Exception as exc:  # the parent decides what a failure means
         emit({"event": "done", "ok": False, "error": str(exc) or type(exc).__name__})
     else:
@@ -171,13 +179,13 @@ def main() -> None:
 
     die_with_parent(int(sys.argv[1]))
     out = _events_out()
-    settings = pickle.load(sys.stdin.buffer)
+    settings, quarantined = pickle.load(sys.stdin.buffer)
     # As in the supervisor: httpx's __init__ would load its command-line client (click,
     # rich, pygments) when installed; None makes that import fail as if absent.
     sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
     import uvloop
 
-    uvloop.run(_warm(settings, out))
+    uvloop.run(_warm(settings, quarantined, out))
 
 
 if __name__ == "__main__":

@@ -69,13 +69,19 @@ def served() -> Iterator[Served]:
         ]
     )
     try:
-        probe_port = int(gate.wait_event("listening", timeout=60)["port"])
-        wait_for(
-            lambda: http_get(probe_port, "/ready")[0] == 200 or gate.proc.poll() is not None,
-            timeout=900,
-            interval=0.5,
-        )
+        probe_port = until_ready(gate, timeout=900)
         assert gate.proc.poll() is None, gate.stderr[-3000:]
         yield Served(gate, probe_port, vllm_port)
     finally:
         gate.stop()
+
+
+def until_ready(gate: Running, timeout: float) -> int:
+    """warmgate's probe port, once its /ready answers 200 or it has exited (callers check)."""
+    probe_port = int(gate.wait_event("listening", timeout=60)["port"])
+    wait_for(
+        lambda: http_get(probe_port, "/ready")[0] == 200 or gate.proc.poll() is not None,
+        timeout=timeout,
+        interval=0.5,
+    )
+    return probe_port

@@ -13,7 +13,8 @@ import time
 import urllib.request
 from typing import Any
 
-from conftest import Served, vllm_command
+import pytest
+from conftest import Served, until_ready, vllm_command
 from wgutil import Running, events, exit_event, free_port, http_get
 
 
@@ -79,6 +80,64 @@ def test_sigterm_drains_four_long_requests_in_full(served: Served) -> None:
     assert served.gate.wait(timeout=120) == 0
     end = exit_event(served.gate.stderr)
     assert end["drain"] == "emptied" and end["inflight"] == 0
+
+
+# A chunked seeded prefill (16 x 1,000 prompt tokens) kills vLLM 0.32 CPU's engine
+# ("CPU Generator does not use offset"), and its API server then exits 0.
+CRASHING_PLAN = """
+mode = "replace"
+[[shape]]
+endpoint = "completions"
+prompt_tokens = 64
+feature = "greedy"
+[[shape]]
+endpoint = "completions"
+prompt_tokens = 1000
+feature = "seed"
+concurrency = 16
+"""
+SEEDED_SHAPE = "file/completions/nostream/seed/len1000/c16"
+
+
+@pytest.mark.e2e
+def test_engine_killed_by_a_seeded_prefill_is_named_then_quarantined(tmp_path: Any) -> None:
+    """First start: the engine dies on the seeded shape, named; second start: Ready without it."""
+    plan = tmp_path / "plan.toml"
+    plan.write_text(CRASHING_PLAN)
+    vllm_port = free_port()
+    args = [
+        "run", "--host", "127.0.0.1", "--port", "0", "--plan", str(plan),
+        "--cache-dir", str(tmp_path / "cache"), "--max-repeats", "2",
+        "--startup-timeout", "300", "--warmup-timeout", "300",
+        "--", *vllm_command(), "--host", "127.0.0.1", "--port", str(vllm_port),
+    ]  # fmt: skip
+    first = Running(args)
+    try:
+        code = first.wait(timeout=420)
+    finally:
+        first.stop()
+    end = exit_event(first.stderr)
+    assert (end["reason"], end["shape"]) == ("engine_died_during_warmup", SEEDED_SHAPE), end
+    assert code == end["code"] == (end.get("child_code") or 70)
+    (died,) = [e for e in events(first.stderr) if e.get("event") == "engine_died_during_warmup"]
+    (shape,) = died["shapes"]
+    assert (shape["feature"], shape["prompt_tokens"], shape["concurrency"]) == ("seed", 1000, 16)
+    assert shape["body"]["prompt"] == "<1000 prompt tokens>" and shape["body"]["seed"] == 1234
+    assert died["quarantined"] == [SEEDED_SHAPE]
+
+    second = Running(args)
+    try:
+        port = until_ready(second, timeout=420)
+        assert http_get(port, "/ready")[0] == 200, second.stderr[-3000:]
+        status = http_get(port, "/status")[1]
+        assert [q["family"] for q in status["quarantined"]] == [SEEDED_SHAPE]
+        assert [s["family"] for s in status["shapes"]] == [
+            "file/completions/nostream/greedy/len64/c1"
+        ]
+        second.proc.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=120) == 0
+    finally:
+        second.stop()
 
 
 def test_engine_that_fails_to_start_gives_its_status_and_error(tmp_path: Any) -> None:

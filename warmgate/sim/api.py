@@ -661,6 +661,25 @@ def _generation(
     )
 
 
+def plan_features(features: Features) -> frozenset[str]:
+    """The features of warmgate's plan (options.FEATURES) that a request uses.
+
+    `sampling` is the top-p/top-k/min-p path (what the plan's sampling shapes send); a
+    request at temperature > 0 without them samples too, but is not a `sampling` shape.
+    """
+    names = {
+        "greedy": features.sampling == "greedy",
+        "sampling": features.sampling == "top_p_top_k",
+        "penalties": features.penalties,
+        "seed": features.seeded,
+        "n": features.n > 1,
+        "logprobs": features.logprobs,
+        "prompt_logprobs": features.prompt_logprobs,
+        "json": features.grammar is not None,
+    }
+    return frozenset(name for name, used in names.items() if used)
+
+
 def _reply_role(f: _Fields, messages: Sequence[tuple[str, str]]) -> str:
     """vLLM's `get_chat_request_role`: without a generation prompt the reply continues
     the last message, in its role."""

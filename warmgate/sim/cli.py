@@ -61,7 +61,27 @@ def sim_command(
         float | None,
         _opt("CRASH_AFTER", "Exit with --crash-code this many seconds after start."),
     ] = None,
-    crash_code: Annotated[int, _opt("CRASH_CODE", "Exit code of a simulated crash.")] = 1,
+    crash_code: Annotated[
+        int, _opt("CRASH_CODE", "Exit code of a simulated crash (0 mirrors vLLM's API server).")
+    ] = 1,
+    crash_on_feature: Annotated[
+        str | None,
+        _opt(
+            "CRASH_ON_FEATURE",
+            "Exit with --crash-code when a generation request using this feature arrives "
+            "(greedy, sampling, penalties, seed, n, logprobs, prompt_logprobs, json: the "
+            "names of warmgate's plan).",
+        ),
+    ] = None,
+    crash_above_tokens: Annotated[
+        int | None,
+        _opt(
+            "CRASH_ABOVE_TOKENS",
+            "With --crash-on-feature: crash only when more prompt tokens than this are "
+            "scheduled (running and waiting, the new request's included), as vLLM CPU's "
+            "seeded chunked prefill does.",
+        ),
+    ] = None,
     crash_during_load: Annotated[
         bool, _opt("CRASH_DURING_LOAD", "Crash half-way through loading.")
     ] = False,
@@ -116,6 +136,8 @@ def sim_command(
             crash_after=crash_after,
             crash_code=crash_code,
             crash_during_load=crash_during_load,
+            crash_on_feature=crash_on_feature,
+            crash_above_tokens=crash_above_tokens,
             health_flap=parse_flap(health_flap),
             hang_health_after=hang_health_after,
             fail_first=fail_first,

@@ -116,6 +116,11 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def scheduled_prompt_tokens(self) -> int:
+        """Prompt tokens of the requests running or waiting: what a prefill may chunk."""
+        return sum(len(r.prompt_ids) for r in (*self._running, *self._waiting))
+
     def submit(self, request: EngineRequest) -> None:
         request.arrival_ms = self.clock_ms
         self._waiting.append(request)

@@ -279,6 +279,18 @@ class Simulator:
         await asyncio.sleep(seconds)
         self._crash("--crash-after")
 
+    def _crash_on_feature(self, gen: api.Generation) -> None:
+        """--crash-on-feature: die as the request arrives, as vLLM CPU's engine does on a
+        seeded prefill that gets chunked (with --crash-above-tokens: only then)."""
+        feature, above = self._s.crash_on_feature, self._s.crash_above_tokens
+        if feature is None or feature not in api.plan_features(gen.features):
+            return
+        scheduled = self._engine.scheduled_prompt_tokens + sum(len(p.ids) for p in gen.prompts)
+        if above is not None and scheduled <= above:
+            return
+        bound = "" if above is None else f", above --crash-above-tokens {above}"
+        self._crash(f"--crash-on-feature {feature}: {scheduled} prompt tokens scheduled{bound}")
+
     def _crash(self, reason: str) -> None:
         self._log.error("crash", reason=reason, exit_code=self._s.crash_code)
         os._exit(self._s.crash_code)  # a crash: no cleanup, no flushing of responses
@@ -392,6 +404,7 @@ class Simulator:
                 return Response.json(exc.body(), exc.status)
             table = self._s.costs
             await asyncio.sleep(table.request_ms / 1000 * self._s.time_scale)
+            self._crash_on_feature(gen)
             ids = _ids(gen.chat, request.headers.get("x-request-id"))
             batch = self._submit(gen, ids.id)
             try:

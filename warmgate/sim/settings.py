@@ -9,6 +9,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from warmgate.options import FEATURES
 from warmgate.sim.costs import PROFILES, CostTable, table_from_mapping
 
 
@@ -44,6 +45,8 @@ class SimSettings:
     crash_after: float | None = None
     crash_code: int = 1
     crash_during_load: bool = False
+    crash_on_feature: str | None = None  # a feature name of warmgate's plan (options.FEATURES)
+    crash_above_tokens: int | None = None  # ... only with more prompt tokens scheduled than this
     health_flap: tuple[float, float] | None = None  # (healthy seconds, unhealthy seconds)
     hang_health_after: float | None = None
     fail_first: int = 0
@@ -65,6 +68,18 @@ class SimSettings:
         )
         _check(self.crash_after is None or self.crash_after >= 0, "--crash-after must be >= 0")
         _check(0 <= self.crash_code < 256, "--crash-code must be 0-255")
+        _check(
+            self.crash_on_feature is None or self.crash_on_feature in FEATURES,
+            f"--crash-on-feature {self.crash_on_feature!r}: use one of {', '.join(FEATURES)}",
+        )
+        _check(
+            self.crash_above_tokens is None or self.crash_on_feature is not None,
+            "--crash-above-tokens needs --crash-on-feature (which feature crashes)",
+        )
+        _check(
+            self.crash_above_tokens is None or self.crash_above_tokens >= 0,
+            "--crash-above-tokens must be >= 0",
+        )
         _check(self.fail_first >= 0, "--fail-first must be >= 0")
         _check(self.slow >= 0, "--slow must be >= 0")
         _check(  # vLLM's own rule
