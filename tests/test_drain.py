@@ -16,6 +16,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -32,6 +33,7 @@ import psutil
 import pytest
 from wgutil import Running, events, free_port, http_get, wait_for
 
+from warmgate.drain import Reading, Unread
 from warmgate.upstream import Upstream
 
 LONG = 200  # max_tokens of a long request: ~2 s at TIME_SCALE, alone or four in a batch
@@ -456,12 +458,12 @@ def _metrics_server(status: int, text: str) -> ThreadingHTTPServer:
     return server
 
 
-def _inflight_at(url: str) -> float | None:
-    async def read() -> float | None:
+def _inflight_at(url: str, timeout: float = 5.0) -> Reading:
+    async def read() -> Reading:
         upstream = Upstream(url)
         try:
             return await upstream.inflight(
-                ("vllm:num_requests_running", "vllm:num_requests_waiting")
+                ("vllm:num_requests_running", "vllm:num_requests_waiting"), timeout
             )
         finally:
             await upstream.aclose()
@@ -472,9 +474,9 @@ def _inflight_at(url: str) -> float | None:
 @pytest.mark.parametrize(
     ("status", "text", "expected"),
     [
-        (404, '{"detail":"Not Found"}', None),  # an upstream with no /metrics at all
-        (200, "# TYPE other gauge\nother 3.0\n", None),  # /metrics without the gauges
-        (200, "garbage{{{ 1\n", None),
+        (404, '{"detail":"Not Found"}', Unread.NO_GAUGES),  # an upstream with no /metrics
+        (200, "# TYPE other gauge\nother 3.0\n", Unread.NO_GAUGES),  # without the gauges
+        (200, "garbage{{{ 1\n", Unread.NO_GAUGES),
         (
             200,
             'vllm:num_requests_running{engine="0"} 2.0\nvllm:num_requests_running{engine="1"} 1.0\n'
@@ -483,8 +485,8 @@ def _inflight_at(url: str) -> float | None:
         ),
     ],
 )
-def test_upstream_inflight_sums_the_gauges_or_is_none(
-    status: int, text: str, expected: float | None
+def test_upstream_inflight_sums_the_gauges_or_says_why_not(
+    status: int, text: str, expected: Reading
 ) -> None:
     server = _metrics_server(status, text)
     try:
@@ -494,8 +496,39 @@ def test_upstream_inflight_sums_the_gauges_or_is_none(
         server.server_close()
 
 
-def test_upstream_inflight_is_none_when_nothing_listens() -> None:
-    assert _inflight_at(f"http://127.0.0.1:{free_port()}") is None
+def test_upstream_inflight_is_no_answer_when_nothing_listens() -> None:
+    assert _inflight_at(f"http://127.0.0.1:{free_port()}") is Unread.NO_ANSWER
+
+
+def test_upstream_inflight_gives_up_on_a_wedged_upstream_within_its_timeout() -> None:
+    # The kernel accepts the connection into the backlog; nothing ever reads or answers.
+    with socket.create_server(("127.0.0.1", 0)) as wedged:
+        url = f"http://127.0.0.1:{wedged.getsockname()[1]}"
+        assert _inflight_at(url, timeout=0.3) is Unread.NO_ANSWER
+
+
+def test_a_wedged_upstream_times_out_the_drain_and_says_it_did_not_answer(pods: Pods) -> None:
+    pod = pods.start("--drain-min", "0", "--drain-timeout", "1", stop_timeout=1)
+    pod.sim_group = group_of(pod.sim_pid)
+    os.kill(pod.sim_pid, signal.SIGSTOP)  # wedged: /metrics accepts and never answers
+    pod.send(signal.SIGTERM)
+    assert pod.wg.wait(timeout=30) == 128 + signal.SIGKILL  # it never acts on SIGTERM
+
+    lines = pod.log()
+    (drain,), (silent,), (done,) = (
+        pod.events(n) for n in ("drain", "drain_no_answer", "drain_done")
+    )
+    (forwarded,), (stop_timeout,) = pod.events("signal"), pod.events("stop_timeout")
+    assert silent["level"] == "warning" and "did not answer" in silent["note"], silent
+    # The poll waited no longer than the 1 s drain had left, not /metrics' usual 5 s.
+    assert 0 < silent["timeout_s"] <= 1, silent
+    assert (done["outcome"], done["inflight"]) == ("timed_out", None), done
+    assert not pod.events("drain_no_metrics")  # silence is not "no gauges"
+    order = [lines.index(e) for e in (drain, silent, done, forwarded, stop_timeout)]
+    assert order == sorted(order), order
+    end = pod.exit_event()
+    assert (end["reason"], end["drain"], end["child_signal"]) == ("stopped", "timed_out", "SIGKILL")
+    assert wait_for(lambda: not left_of(pod.sim_group, pod.sim_pid), timeout=5)
 
 
 # --- 6. values that cannot fit the grace period -------------------------------------------

@@ -6,11 +6,14 @@ import pytest
 
 from warmgate.drain import (
     IDLE_POLLS,
+    POLL_FLOOR_S,
     POLL_INTERVAL_S,
+    POLL_TIMEOUT_S,
     Continue,
     Done,
     DrainPolicy,
     Outcome,
+    Unread,
 )
 
 NAMES = {"connections": ["127.0.0.1:5000"]}
@@ -59,14 +62,58 @@ def test_times_out_at_the_deadline_with_requests_still_running() -> None:
 
 def test_without_gauges_the_minimum_alone_and_one_warning() -> None:
     drain = policy(minimum=1.0)
-    assert drain.on_poll(100.0, None) == Continue(POLL_INTERVAL_S, warn_no_metrics=True)
-    assert drain.on_poll(100.5, None) == Continue(POLL_INTERVAL_S)
-    assert drain.on_poll(101.0, None, NAMES) == Done(Outcome.NO_METRICS)
+    no_gauges = Unread.NO_GAUGES
+    assert drain.on_poll(100.0, no_gauges) == Continue(POLL_INTERVAL_S, warn=no_gauges)
+    assert drain.on_poll(100.5, no_gauges) == Continue(POLL_INTERVAL_S)
+    assert drain.on_poll(101.0, no_gauges, NAMES) == Done(Outcome.NO_METRICS)
     assert drain.state.inflight is None and dict(drain.state.names) == NAMES
+    assert drain.state.unread is no_gauges
 
 
 def test_without_gauges_and_no_minimum_the_first_poll_warns_and_ends() -> None:
-    assert policy(minimum=0.0).on_poll(100.0, None) == Done(Outcome.NO_METRICS, True)
+    done = policy(minimum=0.0).on_poll(100.0, Unread.NO_GAUGES)
+    assert done == Done(Outcome.NO_METRICS, Unread.NO_GAUGES)
+
+
+def test_no_answer_is_not_idle_the_drain_waits_for_an_answer_or_the_deadline() -> None:
+    # Past the minimum, yet a silent upstream may be busy: neither emptied nor no_metrics.
+    drain = policy(minimum=0.0, deadline=2.0)
+    no_answer = Unread.NO_ANSWER
+    assert drain.on_poll(100.0, 0) == Continue(POLL_INTERVAL_S)
+    assert drain.on_poll(100.5, no_answer) == Continue(POLL_INTERVAL_S, warn=no_answer)
+    assert drain.state.inflight is None and drain.state.unread is no_answer
+    assert drain.on_poll(101.0, 0) == Continue(POLL_INTERVAL_S)  # the zero count started over
+    assert drain.state.unread is None
+    assert drain.on_poll(101.5, no_answer) == Continue(pytest.approx(0.5))  # warned once
+    assert drain.on_poll(102.0, no_answer, NAMES) == Done(Outcome.TIMED_OUT)
+    assert drain.state.unread is no_answer and dict(drain.state.names) == NAMES
+
+
+def test_a_wedged_upstream_times_out_at_the_first_poll_that_reaches_the_deadline() -> None:
+    drain = policy(minimum=0.0, deadline=1.0)
+    timeout = drain.poll_timeout(100.0)
+    assert timeout == 1.0  # the whole drain, not POLL_TIMEOUT_S
+    done = drain.on_poll(100.0 + timeout, Unread.NO_ANSWER)
+    assert done == Done(Outcome.TIMED_OUT, Unread.NO_ANSWER)
+
+
+def test_no_gauges_and_no_answer_each_warn_once() -> None:
+    drain = policy(minimum=10.0)
+    verdicts = [drain.on_poll(100.0 + i, r) for i, r in enumerate([*Unread, *Unread])]
+    assert [v.warn for v in verdicts] == [*Unread, None, None]
+
+
+@pytest.mark.parametrize(
+    ("now", "timeout"),
+    [
+        (100.0, POLL_TIMEOUT_S),  # plenty left: the usual bound
+        (127.0, 3.0),  # what is left of the 30 s deadline
+        (129.9, POLL_FLOOR_S),  # never less than the floor...
+        (135.0, POLL_FLOOR_S),  # ...even past the deadline
+    ],
+)
+def test_a_poll_waits_no_longer_than_the_drain_has_left(now: float, timeout: float) -> None:
+    assert policy(deadline=30.0).poll_timeout(now) == pytest.approx(timeout)
 
 
 @pytest.mark.parametrize("outcome", [Outcome.SKIPPED, Outcome.CHILD_EXITED])

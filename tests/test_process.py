@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -12,7 +13,17 @@ from pathlib import Path
 
 import psutil
 import pytest
-from wgutil import WARMGATE, Running, alive, child, events, exit_event, run, start, wait_for
+from wgutil import (
+    WARMGATE,
+    Running,
+    alive,
+    child,
+    events,
+    exit_event,
+    run,
+    start,
+    wait_for,
+)
 
 from warmgate.process import FORWARDED_SIGNALS
 
@@ -188,6 +199,66 @@ def test_sigkill_of_warmgate_takes_the_child_down(tmp_path: Path) -> None:
     proc.kill()
     proc.wait()
     wait_for(lambda: not alive(child_pid), timeout=5)
+
+
+class SessionLeader(Running):
+    """warmgate as the leader of a session and process group of its own, as a shell starts
+    a job: killpg(warmgate's pid) reaches everything in that group at once."""
+
+    def __init__(self, args: list[str]) -> None:
+        self._watch(start(args, start_new_session=True))
+
+
+def test_sigkill_of_warmgate_and_its_group_leaves_no_grandchild(tmp_path: Path) -> None:
+    """PR_SET_PDEATHSIG reaches the child alone; the guard, in a session of its own, outlives
+    even a SIGKILL of warmgate's whole process group and takes the child's group down."""
+    pids = tmp_path / "pids"
+    wg = SessionLeader(["run", "--", *child("family.py", str(pids), "wait")])
+    try:
+        guard = wg.wait_event("spawn")["guard"]
+        wait_for(lambda: pids.exists() and len(pids.read_text().split()) == 2)
+        child_pid, grand_pid = map(int, pids.read_text().split())
+        assert os.getsid(guard) == os.getpgid(guard) == guard  # neither ours nor the child's
+        os.killpg(wg.proc.pid, signal.SIGKILL)
+        assert wg.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        wg.stop()
+    wait_for(lambda: not alive(child_pid) and not alive(grand_pid) and not alive(guard), 5)
+
+
+GUARDED = """
+import os, sys
+from warmgate import process
+# captured: the sleeper must not hold the test's stdout pipe open
+child = process.spawn(["sleep", "60"], dict(os.environ), capture_output=True, pdeathsig=False,
+                      tty=None)
+guard = process.start_guard(child)
+print(child.pid, flush=True)
+if sys.argv[1] == "release":
+    guard.release()
+    guard.release()  # a second release does nothing
+    _, status = os.waitpid(guard.pid, 0)  # it has read its pipe to the end and exited
+    print(os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
+@pytest.mark.parametrize("end", ["release", "exit"])
+def test_the_guard_kills_the_childs_group_only_when_warmgate_ends_unreleased(end: str) -> None:
+    # A child without PR_SET_PDEATHSIG: only the guard can stop it once its parent is gone.
+    out = subprocess.run(
+        [sys.executable, "-c", GUARDED, end], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0, out.stderr
+    child_pid, *guard_code = map(int, out.stdout.split())
+    sleeper = psutil.Process(child_pid)
+    try:
+        if end == "release":
+            assert guard_code == [0] and alive(child_pid)  # the guard left it alone
+        else:
+            wait_for(lambda: not alive(child_pid), timeout=5)
+    finally:
+        with contextlib.suppress(psutil.Error):
+            sleeper.kill()
 
 
 def test_stubborn_child_is_killed_after_stop_timeout(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from warmgate.servers import api_key, option, upstream_url
+from warmgate.servers import REDACTED, api_key, option, redacted, upstream_url
 
 
 @pytest.mark.parametrize(
@@ -54,3 +54,32 @@ def test_last_option_wins_and_api_key() -> None:
     assert option(argv, "--port") == "2"
     assert api_key(argv) == "s3cret"
     assert api_key(["vllm", "serve", "m"]) is None
+
+
+KEY = "sk-s3cret"
+
+
+@pytest.mark.parametrize(
+    ("argv", "shown"),
+    [
+        (["vllm", "serve", "m", "--api-key", KEY], ["vllm", "serve", "m", "--api-key", REDACTED]),
+        (["vllm", "serve", f"--api-key={KEY}", "m"], ["vllm", "serve", f"--api-key={REDACTED}", "m"]),
+        # every occurrence, and the next word whatever it looks like, as option() reads it
+        (["--api-key", "--api-key", KEY], ["--api-key", REDACTED, REDACTED]),
+        (["--api-key", "x y", "--api-key=", "--port", "1"],
+         ["--api-key", REDACTED, f"--api-key={REDACTED}", "--port", "1"]),
+        # as vLLM's parser also takes the flag: underscores, cut short
+        (["--api_key", KEY, f"--api-k={KEY}"], ["--api_key", REDACTED, f"--api-k={REDACTED}"]),
+        # inside a shell script given as one word
+        (["sh", "-c", f"exec vllm serve m --api-key {KEY} --port 2"],
+         ["sh", "-c", f"exec vllm serve m --api-key {REDACTED} --port 2"]),
+        (["sh", "-c", f"vllm serve m --api_key='{KEY} x'"],
+         ["sh", "-c", f"vllm serve m --api_key={REDACTED}"]),
+        # nothing else changes, a dangling flag included
+        (["vllm", "serve", "m", "--api-server-count", "2", "--api", "x", "--api-key"],
+         ["vllm", "serve", "m", "--api-server-count", "2", "--api", "x", "--api-key"]),
+    ],
+)  # fmt: skip
+def test_redacted_hides_every_api_key_value(argv: list[str], shown: list[str]) -> None:
+    assert redacted(argv) == shown
+    assert redacted(tuple(argv)) == shown and KEY not in " ".join(redacted(argv))

@@ -222,7 +222,9 @@ def test_without_a_terminal_there_is_no_sentinel() -> None:
         spawn = warmgate.wait_event("spawn", timeout=10)
         assert "terminal_sentinel" not in spawn
         kids = psutil.Process(warmgate.proc.pid).children()
-        assert [k.pid for k in kids] == [spawn["pid"]]
+        # the child, and the guard (warmgate is not PID 1 here), which is no sentinel
+        assert sorted(k.pid for k in kids) == sorted([spawn["pid"], spawn["guard"]])
+        assert os.getpgid(spawn["guard"]) != spawn["pid"]
         warmgate.proc.send_signal(signal.SIGTERM)
         assert warmgate.wait(timeout=15) == 143
     finally:

@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 # Signals that are never forwarded. SIGKILL/SIGSTOP cannot be caught; SIGCHLD is
@@ -260,20 +260,26 @@ def read_reports(fd: int) -> list[signal.Signals] | None:
     return [signal.Signals(signo) for signo in data] if data else None
 
 
+def _become_helper(keep: int) -> None:  # pragma: no cover - runs in a forked helper
+    """Block every signal, put stdio on /dev/null and close every fd but `keep`: the probe
+    socket, the cache lock and the other helper's pipe must not outlive warmgate here."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, signal.valid_signals())
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        if fd > 2 and fd != keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 def _watch_terminal(pgid: int, reports: int, parent: int) -> None:  # pragma: no cover
     try:
-        signal.pthread_sigmask(signal.SIG_SETMASK, signal.valid_signals())
+        _become_helper(keep=reports)
         for sig in TERMINAL_STOPS:  # while ignored, a signal would not even be queued
             signal.signal(sig, signal.SIG_DFL)
         die_with_parent(parent)
         os.setpgid(0, pgid)
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        for fd in map(int, os.listdir("/proc/self/fd")):  # the probe socket, the cache lock
-            if fd > 2 and fd != reports:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
         while True:
             # One thread, lowest signal first: a ^C queued before warmgate's exit request
             # is always reported before the sentinel exits.
@@ -283,6 +289,67 @@ def _watch_terminal(pgid: int, reports: int, parent: int) -> None:  # pragma: no
                     return
             elif info.si_code == _SI_KERNEL:
                 os.write(reports, bytes([info.si_signo]))
+    finally:
+        os._exit(0)
+
+
+class Guard:
+    """A process that SIGKILLs the child's process group if warmgate dies without saying
+    it is done, as SIGKILL leaves it no chance to (needed when warmgate is not PID 1).
+
+    PR_SET_PDEATHSIG reaches the child alone; vLLM's EngineCore, which holds the GPU, is a
+    grandchild in the child's group. The guard has a session of its own (a signal to
+    warmgate's group or terminal misses it), blocks every signal and waits on a pipe whose
+    only write end warmgate holds: EOF without `_GUARD_DONE` means warmgate died. Its cost:
+    one fork before any thread or heavy import (under a millisecond), no CPU, and memory:
+    it keeps warmgate's heap as it was at the fork (about 12 MB RSS, of which about 6 MB
+    become its own as warmgate's pages change, copy-on-write).
+    """
+
+    __slots__ = ("_done", "pid")
+
+    def __init__(self, pid: int, done: int) -> None:
+        self.pid = pid
+        self._done: int | None = done  # write end of the pipe
+
+    def release(self) -> None:
+        """warmgate's own sweep is over: the guard exits without killing. Idempotent."""
+        if self._done is None:
+            return
+        with contextlib.suppress(OSError):
+            os.write(self._done, _GUARD_DONE)
+        os.close(self._done)
+        self._done = None
+
+
+_GUARD_DONE = b"d"
+
+
+def start_guard(child: Child) -> Guard:
+    """Fork the guard of `child`'s process group (call before any thread starts).
+
+    The group id is the child's pid, which stays reserved while any member of the group
+    lives or the child is unreaped; warmgate says done only after its own sweep, so the
+    guard kills a group that is still the child's.
+    """
+    watched, done = os.pipe()  # both close-on-exec: no exec'd process inherits the write end
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the guard, which only _exits
+        _guard(child.pgid, watched)
+    os.close(watched)
+    return Guard(pid, done)
+
+
+def _guard(pgid: int, watched: int) -> None:  # pragma: no cover - runs in the guard
+    try:
+        os.setsid()
+        _become_helper(keep=watched)
+        told = b""
+        while data := os.read(watched, 16):  # every signal blocked: nothing interrupts it
+            told += data
+        if _GUARD_DONE not in told:  # EOF alone: warmgate died before its sweep
+            with contextlib.suppress(OSError):
+                os.killpg(pgid, signal.SIGKILL)
     finally:
         os._exit(0)
 
@@ -340,14 +407,15 @@ def send(child: Child, sig: int, *, group: bool) -> bool:
     return True
 
 
-def descendants() -> list[int]:
-    """Pids of every live process below us (our children are reparented orphans too)."""
+def descendants(spare: Collection[int] = ()) -> list[int]:
+    """Pids of every live process below us (our children are reparented orphans too),
+    but warmgate's own helpers in `spare` (the terminal sentinel, the guard)."""
     import psutil  # imported late: only shutdown needs it
 
     pids = []
     for proc in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.Error):
-            if proc.status() != psutil.STATUS_ZOMBIE:
+            if proc.pid not in spare and proc.status() != psutil.STATUS_ZOMBIE:
                 pids.append(proc.pid)
     return pids
 

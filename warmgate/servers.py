@@ -7,6 +7,7 @@ upstream is the child's own --host/--port, or the server's default port.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -77,3 +78,31 @@ def upstream_url(argv: Sequence[str], environ: Mapping[str, str]) -> str | None:
 def api_key(argv: Sequence[str]) -> str | None:
     """The child's own --api-key, which its clients (and so warmgate) must send."""
     return option(argv, "--api-key")
+
+
+REDACTED = "<redacted>"
+_KEY_FLAG = "--api-key"
+# The flag inside a word of its own, as in `sh -c "vllm serve M --api-key KEY"`.
+_KEY_IN_SCRIPT = re.compile(r"""(--api[-_]key(?:=|\s+))('[^']*'|"[^"]*"|[^\s'"]+)""")
+
+
+def _is_key_flag(word: str) -> bool:
+    """`--api-key`, as vLLM's parser also takes it: `--api_key`, or cut short (`--api-k`)."""
+    flag = word.replace("_", "-")
+    return len(flag) >= len("--api-k") and _KEY_FLAG.startswith(flag)
+
+
+def redacted(argv: Sequence[str]) -> list[str]:
+    """`argv` for a log line: every value of `--api-key VALUE` and `--api-key=VALUE` is
+    REDACTED, read as `option` reads it (a flag's next word is its value, whatever it is)."""
+    shown = list(argv)
+    for i, word in enumerate(argv):
+        name, eq, _ = word.partition("=")
+        if _is_key_flag(name):
+            if eq:
+                shown[i] = f"{name}={REDACTED}"
+            elif i + 1 < len(argv):
+                shown[i + 1] = REDACTED
+        elif any(c.isspace() for c in word):  # a script; a value already hidden stays so
+            shown[i] = _KEY_IN_SCRIPT.sub(lambda m: m.group(1) + REDACTED, shown[i])
+    return shown

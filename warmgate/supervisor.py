@@ -83,6 +83,9 @@ def supervise(settings: RunSettings, own_vars: Iterable[str]) -> int:
         process.unblock_signals()
         reason = "command_not_found" if exc.code == Exit.NOT_FOUND else "not_executable"
         return log_exit(settings, reason, error=str(exc))
+    # PR_SET_PDEATHSIG reaches the child alone; a guard kills its group if we are SIGKILLed.
+    # As PID 1 none is needed: the kernel kills the whole PID namespace with us.
+    guard = process.start_guard(child) if not process.is_pid1() else None
     # The terminal's ^C reaches the child's group alone; a sentinel there tells us of it.
     sentinel = process.start_sentinel(child) if tty is not None else None
 
@@ -92,9 +95,10 @@ def supervise(settings: RunSettings, own_vars: Iterable[str]) -> int:
     log.get().info(
         "spawn",
         pid=child.pid,
-        argv=list(child.argv),
+        argv=servers.redacted(child.argv),
         pid1=process.is_pid1(),
         mode="warmup" if target else "plain",
+        **({"guard": guard.pid} if guard is not None else {}),
         **({"terminal_sentinel": sentinel.pid} if sentinel is not None else {}),
     )
     for warning in cache_warnings:
@@ -117,10 +121,13 @@ def supervise(settings: RunSettings, own_vars: Iterable[str]) -> int:
                 sock,
                 cache_report.report if cache_report else None,
                 sentinel,
+                guard,
             )
         )
     except Exception as exc:  # a bug of ours must still stop the child and say why, once
         process.send(child, signal.SIGKILL, group=True)
+        if guard is not None:
+            guard.release()
         log.get().exception("internal_error")
         return log_exit(settings, "internal_error", error=f"{type(exc).__name__}: {exc}")
 
@@ -162,6 +169,7 @@ async def _run_until_child_exits(
     sock: socket.socket | None,
     cache_report: Any = None,
     sentinel: process.Sentinel | None = None,
+    guard: process.Guard | None = None,
 ) -> int:
     """The supervisor's event loop: signals, reaping, the gate (warm-up mode), then the
     leftovers' stop and the exit line; returns the exit code."""
@@ -172,7 +180,9 @@ async def _run_until_child_exits(
     logger = log.get()
     loop = asyncio.get_running_loop()
     exited: asyncio.Future[int] = loop.create_future()
-    signals = _ChildSignals(settings, child, loop)
+    # warmgate's own helpers: never signalled as the child's, never reported as leftovers
+    helpers = frozenset(h.pid for h in (sentinel, guard) if h is not None)
+    signals = _ChildSignals(settings, child, loop, helpers)
     gate = None
     if target is not None:
         # httpx's __init__ also loads its command-line client when click and rich are
@@ -228,8 +238,9 @@ async def _run_until_child_exits(
         if signals.stop_signal is not None:
             end = ending("stopped", end.code)
     signals.cancel()
-    spare = frozenset({sentinel.pid}) if sentinel is not None else frozenset()
-    killed = await _sweep(child, settings.stop_timeout, spare)
+    killed = await _sweep(child, settings.stop_timeout, helpers)
+    if guard is not None:
+        guard.release()  # before the reaper's join: it returns once the guard is reaped
     reaper.join(timeout=1.0)
     for pump in pumps:
         pump.join(timeout=1.0)
@@ -254,9 +265,14 @@ class _ChildSignals:
     outlives --stop-timeout after a stop signal."""
 
     def __init__(
-        self, settings: RunSettings, child: process.Child, loop: asyncio.AbstractEventLoop
+        self,
+        settings: RunSettings,
+        child: process.Child,
+        loop: asyncio.AbstractEventLoop,
+        helpers: frozenset[int] = frozenset(),
     ):
         self._settings, self._child, self._loop = settings, child, loop
+        self._helpers = helpers
         self._timer: asyncio.TimerHandle | None = None
         self.stop_signal: str | None = None  # the first stop signal forwarded (plain-init mode)
 
@@ -282,7 +298,7 @@ class _ChildSignals:
 
         log.get().warning("stop_timeout", pid=self._child.pid, after_s=self._settings.stop_timeout)
         process.send(self._child, signal.SIGKILL, group=True)
-        process.kill_all(process.descendants(), signal.SIGKILL)
+        process.kill_all(process.descendants(self._helpers), signal.SIGKILL)
 
     def cancel(self) -> None:
         if self._timer is not None:
@@ -361,13 +377,13 @@ async def _sweep(
     """Once the main child is gone, stop whatever it left behind: SIGTERM, then SIGKILL.
 
     As PID 1 the kernel would do this when we exit; as a subreaper we must. `spare`:
-    pids already stopped (the sentinel, which may take a moment to die). Returns the
-    pids that needed SIGKILL.
+    warmgate's own helpers (the sentinel, which may take a moment to die; the guard,
+    which must outlive the sweep). Returns the pids that needed SIGKILL.
     """
     import asyncio
 
     def leftovers() -> list[int]:
-        return [pid for pid in process.descendants() if pid not in spare]
+        return process.descendants(spare)
 
     left = leftovers()
     if not left:

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+
+from warmgate.drain import Reading, Unread
 
 
 class UpstreamError(Exception):
@@ -91,16 +94,21 @@ class Upstream:
             return None
         return [int(t) for t in tokens]
 
-    async def inflight(self, metric_names: Iterable[str]) -> float | None:
-        """Sum of the named gauges over all label sets; None when /metrics is missing."""
+    async def inflight(self, metric_names: Iterable[str], timeout: float = 5.0) -> Reading:
+        """Sum of the named gauges over all label sets, or why there is none: NO_ANSWER when
+        /metrics did not answer within `timeout` seconds in all (connect, send, read), or
+        could not be reached; NO_GAUGES when it answered without them (or with no page)."""
         from prometheus_client.parser import text_string_to_metric_families
 
         try:
-            response = await self._client.get("/metrics", timeout=5.0)
-        except httpx.HTTPError:
-            return None
+            async with asyncio.timeout(timeout):  # httpx's own bounds each phase apart
+                response = await self._client.get("/metrics", timeout=timeout)
+        except (httpx.TransportError, TimeoutError):
+            return Unread.NO_ANSWER
+        except httpx.HTTPError:  # an answer it could not decode
+            return Unread.NO_GAUGES
         if response.status_code != 200:
-            return None
+            return Unread.NO_GAUGES
         wanted = set(metric_names)
         total, seen = 0.0, False
         try:
@@ -110,8 +118,8 @@ class Upstream:
                         total += sample.value
                         seen = True
         except ValueError:
-            return None
-        return total if seen else None
+            return Unread.NO_GAUGES
+        return total if seen else Unread.NO_GAUGES
 
     async def request(
         self,
