@@ -26,7 +26,7 @@ from typing import Any
 
 import psutil
 import pytest
-from wgutil import WARMGATE, Running, alive, exit_event, free_port, http_get, wait_for
+from wgutil import WARMGATE, Running, alive, events, exit_event, free_port, http_get, wait_for
 
 # Ready in a second or two: 12 one-token shapes, one request at a time, a 256-token context.
 FAST = (
@@ -610,3 +610,37 @@ def test_api_key_is_used_and_never_echoed(pods: Pods, proxies: list[Proxy], sour
     seen["exit line"] = str(pod.end())
     echoed = {where: text for where, text in seen.items() if KEY in text}
     assert not echoed, f"the API key was echoed in: {sorted(echoed)}"
+
+
+def test_a_log_reader_that_goes_away_stops_nothing() -> None:
+    # The pipe warmgate logs to closes (a log shipper dies, `warmgate run ... | head`):
+    # every later write fails, and SIGTERM must still drain, stop the child and exit 0.
+    port, sim_port = free_port(), free_port()
+    child = [sys.executable, "-m", "warmgate", "sim", "--host", "127.0.0.1", "--port"]
+    child += [str(sim_port), "--max-model-len", "256", "--time-scale", "0", "--load-seconds", "0"]
+    proc = subprocess.Popen(
+        [*WARMGATE, "run", "--host", "127.0.0.1", "--port", str(port), *FAST, "--", *child],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "WARMGATE_LOG_FORMAT": "json"},
+    )
+    try:
+        assert proc.stderr is not None
+        spawn = wait_for(lambda: _event_line(proc.stderr, "spawn"), timeout=30)
+        wait_for(lambda: http_get(port, "/ready")[0] == 200, timeout=60)
+        proc.stderr.close()  # the reader goes away; warmgate's next log line meets EPIPE
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=40) == 0  # the child's own code: a stop, not 120 or a hang
+        assert wait_for(lambda: not alive(spawn["pid"]), timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _event_line(stream: Any, name: str) -> dict[str, Any] | None:
+    """The next log record on `stream` if it is event `name` (one line per call)."""
+    line = stream.readline().decode(errors="replace")
+    found = [e for e in events(line) if e.get("event") == name]
+    return found[0] if found else None

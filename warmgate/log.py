@@ -6,6 +6,7 @@ structlog is imported on first use, after `warmgate run` has spawned its child.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
@@ -31,9 +32,36 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         ),
         # One write per record (line and newline together), so a child line copied to the
         # same stderr can never land between a record and its newline.
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.WriteLoggerFactory(file=_Stderr()),
         cache_logger_on_first_use=True,
     )
+
+
+class _Stderr:
+    """stderr for log records, until its reader goes away (a closed pipe, a hung-up
+    terminal). Then the rest goes to /dev/null: PID 1 must not stop, nor skip what it was
+    doing, over a log line that nobody can read."""
+
+    def write(self, text: str) -> None:
+        try:
+            sys.stderr.write(text)
+        except OSError:
+            _lose_stderr()
+
+    def flush(self) -> None:
+        try:
+            sys.stderr.flush()
+        except OSError:
+            _lose_stderr()
+
+
+def _lose_stderr() -> None:
+    # fd 2 itself, so the pump threads' copies of the child's output and the interpreter's
+    # last flush (which, failing, would make the exit status 120) stop failing too.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    sys.stderr.flush()  # the text held for the gone reader now goes to /dev/null
 
 
 def get(name: str = "warmgate") -> Any:

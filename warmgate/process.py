@@ -460,8 +460,8 @@ def _write_all(fd: int, data: bytes) -> None:
             view = view[os.write(fd, view) :]
         except BlockingIOError:
             time.sleep(0.001)
-        except BrokenPipeError:
-            return  # our own stdout is gone; keep draining so the child never blocks
+        except OSError:
+            return  # our own output is gone (EPIPE, EIO): keep draining, so the child never blocks
 
 
 def is_pid1() -> bool:
