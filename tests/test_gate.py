@@ -450,6 +450,7 @@ def test_readme_metrics_table_lists_what_metrics_serves() -> None:
         )
 
     meter = Metrics(lambda: Full())
+    meter.closed = lambda: {"evicted": 2, "refused": 0, "silent": 1}
     meter.observe("seed", "/v1/completions", 0.5)
     served: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(meter.render().decode()):

@@ -4,6 +4,7 @@ its cap: a fresh /ready probe still answers 200. The figures live in scripts/ben
 from __future__ import annotations
 
 import contextlib
+import re
 import resource
 import socket
 import sys
@@ -77,5 +78,10 @@ def test_ready_answers_200_with_more_connections_held_than_the_cap() -> None:
                 assert http_get(port, "/ready")[0] == 200
             wait_for(lambda: closed_by_server(begun[0]), timeout=5)
         assert http_get(port, "/ready")[0] == 200
+        metrics = http_get(port, "/metrics")[1]
+        evicted = re.search(
+            r'warmgate_probe_connections_closed_total\{why="evicted"\} (\S+)', metrics
+        )
+        assert evicted and float(evicted[1]) >= 50, metrics
     finally:
         running.stop()

@@ -208,6 +208,7 @@ class Gate:
         `exited` gets the child's wait status from the reaper.
         """
         server = probe.ProbeThread(self, sock)
+        self.meter.closed = server.closed_connections
         server.start()
         self._log.info("listening", host=server.host, port=server.port, upstream=self.upstream_url)
         try:

@@ -163,7 +163,16 @@ class ProbeThread:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._error: BaseException | None = None
+        self._server: Server | None = None
         self.host, self.port = "", 0
+
+    def closed_connections(self) -> dict[str, int]:
+        """Connections the server closed before a request, by why. Call it on the probe
+        thread only (a /metrics scrape): the server's counts are that thread's."""
+        server = self._server
+        if server is None:
+            return {}
+        return {"evicted": server.evicted, "refused": server.refused, "silent": server.silent}
 
     def start(self) -> None:
         # A thread that wants the GIL asks the holder to let go only after a whole switch
@@ -193,7 +202,7 @@ class ProbeThread:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        server = await serve(self._view, sock=self._sock)
+        server = self._server = await serve(self._view, sock=self._sock)
         self.host, self.port = server.host, server.port
         self._started.set()
         try:

@@ -53,6 +53,10 @@ class Metrics:
     def __init__(self, read: Callable[[], Reading]) -> None:
         from prometheus_client import CollectorRegistry, Histogram
 
+        # The probe server's own counts (probe.ProbeThread.closed_connections): set once the
+        # server runs; read, like `read`, on the probe thread, which owns that server.
+        self.closed: Callable[[], Mapping[str, int]] = lambda: {}
+
         self.registry = CollectorRegistry(auto_describe=True)
         self.warmup_seconds = Histogram(
             "warmgate_warmup_request_seconds",
@@ -61,7 +65,7 @@ class Metrics:
             registry=self.registry,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
-        self.registry.register(_StateCollector(read))
+        self.registry.register(_StateCollector(read, lambda: self.closed()))
 
     def observe(self, feature: str, endpoint: str, seconds: float) -> None:
         self.warmup_seconds.labels(feature=feature, endpoint=endpoint).observe(seconds)
@@ -73,8 +77,10 @@ class Metrics:
 
 
 class _StateCollector:
-    def __init__(self, read: Callable[[], Reading]) -> None:
-        self._read = read
+    def __init__(
+        self, read: Callable[[], Reading], closed: Callable[[], Mapping[str, int]]
+    ) -> None:
+        self._read, self._closed = read, closed
 
     def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -108,6 +114,16 @@ class _StateCollector:
         yield GaugeMetricFamily(
             "warmgate_drain_seconds", "Seconds spent draining.", value=c.drain_seconds
         )
+        if closed := self._closed():
+            family = CounterMetricFamily(
+                "warmgate_probe_connections_closed",
+                "Probe-port connections closed by warmgate before a request: evicted at the "
+                "cap, refused (every one busy), silent past the head deadline.",
+                labels=["why"],
+            )
+            for why, count in sorted(closed.items()):
+                family.add_metric([why], count)
+            yield family
         if c.drain_inflight is not None:
             yield GaugeMetricFamily(
                 "warmgate_drain_inflight",
