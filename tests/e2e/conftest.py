@@ -58,6 +58,11 @@ def served() -> Iterator[Served]:
             "0",
             "--features",
             CPU_FEATURES,
+            # The CPU build computes 2,048 prompt tokens a step; 16k is eight steps, as
+            # scripts/report --real warms it. The default (131,072) plans 64 x 1,800-token
+            # batches that took 9 of this fixture's 11 minutes on 2026-12-03.
+            "--max-inflight-tokens",
+            "16384",
             "--drain-min",
             "2",
             "--",
