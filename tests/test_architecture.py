@@ -9,7 +9,17 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "warmgate"
 
-CORE = {"options", "config", "errors", "lifecycle", "drain", "plan", "servers"}
+CORE = {
+    "options",
+    "config",
+    "errors",
+    "lifecycle",
+    "drain",
+    "plan",
+    "servers",
+    "engineconfig",
+    "latency",
+}
 # What a pure module must not touch: sockets, processes, threads, clocks of the event loop,
 # and the libraries that wrap them.
 IO_MODULES = {

@@ -1,8 +1,10 @@
 """`warmgate bench` over the simulator: the smoke test of the benchmark report.
 
 One run of three strategies on real processes (sim under each, warmgate as a real
-supervisor). Over the simulator each first/warm ratio is the simulator's own cost report,
-deterministic whatever the machine's load, so the ordering of the strategies is asserted.
+supervisor), and a budget sweep of one budget too small for the warm-up (which starts the
+pairwise sweep as its point of comparison). Over the simulator each first/warm ratio is the
+simulator's own cost report, deterministic whatever the machine's load, so the ordering of
+the strategies is asserted.
 """
 
 from __future__ import annotations
@@ -13,17 +15,28 @@ from pathlib import Path
 import pytest
 from wgutil import run
 
-from warmgate.bench.core import Measured, Outcome, combine
+from warmgate.bench import budget
+from warmgate.bench.chart import _noise_floor, budget_chart, point_groups, reference_lines
+from warmgate.bench.core import (
+    Measured,
+    Outcome,
+    _read_warmup,
+    as_json,
+    combine,
+    report,
+    strategy_args,
+)
 from warmgate.bench.main import per_strategy
 
 SIM = "--max-model-len 2048 --time-scale 0.02 --load-seconds 0.5"
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, str, Path]:
     out = tmp_path_factory.mktemp("bench")
     args = ["bench", "--strategies", "none,health,warmgate", "--sim-args", SIM,
-            "--warm-runs", "1", "--out", str(out)]  # fmt: skip
+            "--warm-runs", "1", "--budgets", "0.05,auto", "--out", str(out)]  # fmt: skip
     code, stdout, stderr = run(args, timeout=420)
     assert code == 0, f"bench failed:\n{stdout[-2000:]}\n{stderr[-2000:]}"
     return code, stdout, out
@@ -34,11 +47,38 @@ def test_report_has_a_row_per_strategy_and_the_files(bench: tuple[int, str, Path
     table = (out / "report.md").read_text()
     for strategy in ("none", "health", "warmgate"):
         assert f"| {strategy} |" in table
-    assert stdout.rstrip().endswith(table.rstrip().splitlines()[-1])
+    assert table in stdout
     logs = {p.name for p in out.glob("*.log")}
-    assert logs == {"none.log", "health.log", "warmgate.log"}
-    # matplotlib is in the dev extra, so the chart must be there.
-    assert (out / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sweep = {"warmgate.budget-0.05.log", "warmgate-pairwise.log"}
+    assert logs == {"none.log", "health.log", "warmgate.log", *sweep}
+    # matplotlib is in the dev extra, so the charts must be there.
+    assert (out / "timeline.png").read_bytes()[:8] == PNG
+    assert (out / "budget.png").read_bytes()[:8] == PNG
+    sweep_table = (out / "budget.md").read_text()
+    assert "| 0.05 s |" in sweep_table and sweep_table in stdout
+
+
+def test_warmgate_reports_its_warm_up_and_the_sweep_its_points(
+    bench: tuple[int, str, Path],
+) -> None:
+    _, _, out = bench
+    rows = {o["strategy"]: o for o in json.loads((out / "report.json").read_text())}
+    warm = rows["warmgate"]
+    assert warm["coverage"] == "engine" and warm["budget_s"] == 30.0  # auto: the 30 s floor
+    assert warm["cold_shapes"] == [] and sum(warm["shape_status"].values()) > 0
+    assert warm["warmup_s"] == pytest.approx(warm["spawn_to_ready_s"] - warm["spawn_to_healthy_s"])
+    assert rows["health"]["warmup_s"] == 0.0 and rows["health"]["shape_status"] == {}
+    sweep = json.loads((out / "budget.json").read_text())
+    points = {p["label"]: p for p in sweep["points"]}
+    assert list(points) == ["0.05 s", "auto (30 s)", "pairwise"]
+    tight, pairwise = points["0.05 s"], points["pairwise"]
+    # The first shape always runs; the budget is spent before the next.
+    assert tight["budget_bound"] and tight["shape_status"]["cold"] == len(tight["cold_shapes"]) > 0
+    assert points["auto (30 s)"]["warmup_s"] == warm["warmup_s"]  # the warmgate row itself
+    assert pairwise["coverage"] == "pairwise" and pairwise["cold_shapes"] == []
+    # The issue's acceptance: the default plan is at least as warm as the old sweep.
+    assert warm["max_ratio"] <= pairwise["max_ratio"] + 0.01
+    assert [b["strategy"] for b in sweep["baselines"]] == ["none", "health"]
 
 
 def test_warmgate_beats_both_baselines_on_the_held_out_mix(bench: tuple[int, str, Path]) -> None:
@@ -139,3 +179,183 @@ def test_a_combined_row_never_reads_start_medians_as_runs() -> None:
     assert row.requests[0].ratio == pytest.approx(1.0)  # each start: 96 tokens against 96
     empty = combine([Outcome("health", requests=[Measured("x", error="HTTP 500")])] * 2)
     assert empty.requests[0].ratio is None and empty.max_ratio is None
+
+
+# --- the warm-up columns and the budget sweep (data structures, no processes) ----------------
+
+
+def _start(
+    strategy: str,
+    healthy: float,
+    ready: float,
+    *,
+    ratio: float = 1.0,
+    kernels: int = 0,
+    **kw: object,
+) -> Outcome:
+    """A start whose one held-out request came back with the simulator's cost report."""
+    m = Measured("chat", first_ms=100.0 * ratio, warm_ms=[100.0, 100.0, 100.0])
+    m.first_cost_ms, m.first_compile_ms = 100.0 * ratio, 100.0 * (ratio - 1)
+    m.compiled_after_ready = [f"kernel:{i}" for i in range(kernels)]
+    return Outcome(strategy, healthy, ready, ready + 0.1, requests=[m], **kw)  # type: ignore[arg-type]
+
+
+def test_warm_up_is_healthy_to_ready_for_every_strategy() -> None:
+    none = _start("none", 2.5, 0.0)
+    health = _start("health", 2.0, 2.0)
+    script = _start("warmup.sh", 2.0, 2.5)
+    warm = _start("warmgate", 2.0, 10.0)
+    assert none.warmup_s == 0.0 and none.warmup_per_healthy == 0.0  # Ready before healthy
+    assert health.warmup_s == 0.0
+    assert script.warmup_s == pytest.approx(0.5) and script.warmup_per_healthy == pytest.approx(
+        0.25
+    )
+    assert warm.warmup_s == pytest.approx(8.0) and warm.warmup_per_healthy == pytest.approx(4.0)
+    assert Outcome("warmgate", 2.0).warmup_s is None  # never Ready: no warm-up figure
+    # Several starts: the median of each start's warm-up, over the median time to healthy.
+    row = combine([_start("warmgate", 2.0, 6.0), _start("warmgate", 4.0, 14.0), warm])
+    assert row.warmup_s == pytest.approx(8.0) and row.warmup_per_healthy == pytest.approx(4.0)
+
+
+def test_report_and_json_carry_the_warm_up_columns() -> None:
+    warm = _start("warmgate", 2.0, 10.0)
+    _read_warmup(warm, _STATUS)
+    outcomes = [_start("health", 2.0, 2.0), warm]
+    table = report(outcomes).splitlines()
+    header = [c.strip() for c in table[0].split("|")]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")] for line in table[2:4]}
+    at = header.index("warm-up / healthy")
+    assert header[at - 1] == "warm-up s" and header[at - 3] == "spawn→healthy s"
+    assert rows["warmgate"][at - 1 : at + 2] == [
+        "8.0",
+        "4.00",
+        "3: 1 cold, 1 converged, 1 verified",
+    ]
+    assert rows["health"][at - 1 : at + 2] == ["0.0", "0.00", "-"]
+    data = {o["strategy"]: o for o in as_json(outcomes)}
+    assert data["warmgate"]["warmup_s"] == pytest.approx(8.0)
+    assert data["warmgate"]["warmup_per_healthy"] == pytest.approx(4.0)
+    assert data["warmgate"]["coverage"] == "engine" and data["warmgate"]["budget_s"] == 5.0
+    assert data["warmgate"]["cold_shapes"] == ["chat:json"] and data["warmgate"]["budget_bound"]
+    assert data["health"]["shape_status"] == {} and not data["health"]["budget_bound"]
+    json.dumps(data)  # report.json is written from it
+
+
+_STATUS = {  # the parts of warmgate's /status the benchmark reads
+    "shapes": [{"status": "verified"}, {"status": "converged"}, {"status": "cold"}],
+    "warmup": {"coverage": "engine", "budget_s": 5.0, "cold": ["chat:json"], "engine": {}},
+}
+
+
+def test_each_warmgate_strategy_gets_its_options() -> None:
+    user = ["--features", "greedy"]
+    assert strategy_args("warmgate", user, None, None) == user
+    pairwise = strategy_args("warmgate-pairwise", user, None, None)
+    assert pairwise[:2] == ["--coverage", "pairwise"] and pairwise[-2:] == user
+    assert pairwise[pairwise.index("--warmup-budget") + 1] == "900"  # the warm-up timeout
+    # A sweep's budget comes last, over any in the user's options.
+    swept = strategy_args("warmgate", [*user, "--warmup-budget", "60"], None, "5")
+    assert swept[-2:] == ["--warmup-budget", "5"]
+    assert strategy_args("plan", [], Path("p.toml"), None) == ["--plan", "p.toml"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [("20,2,auto,5", ["2", "5", "20", "auto"]), ("0.5, 10, 10", ["0.5", "10"]), ("", [])],
+)
+def test_budgets_sort_seconds_then_auto(spec: str, expected: list[str]) -> None:
+    assert budget.parse_budgets(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["0", "-3", "fast", "2,x"])
+def test_bad_budgets_are_refused(spec: str) -> None:
+    with pytest.raises(ValueError, match="auto"):
+        budget.parse_budgets(spec)
+
+
+def _budget_start(seconds: float, warmup: float, cold: int, ratio: float) -> Outcome:
+    o = _start("warmgate", 2.0, 2.0 + warmup, ratio=ratio, kernels=cold)
+    o.budget_s, o.coverage = seconds, "engine"
+    o.shape_status = {"verified": 20 - cold, **({"cold": cold} if cold else {})}
+    o.cold_shapes = [f"shape{i}" for i in range(cold)]
+    return o
+
+
+def test_a_budget_a_shorter_warm_up_fitted_in_reuses_that_start() -> None:
+    """The warm-up ends within 8 s: budgets 10 and 20 would run it again, and the warmgate
+    row (auto, 30 s) stands for auto; 2 and 5 s leave shapes cold and are started."""
+    ran: list[str] = []
+    full = _budget_start(10.0, 8.0, 0, 1.02)
+
+    def run(b: str) -> Outcome:
+        ran.append(b)
+        return {"2": _budget_start(2.0, 2.1, 12, 1.6), "5": _budget_start(5.0, 5.2, 4, 1.3)}.get(
+            b, full
+        )
+
+    auto = _budget_start(30.0, 8.1, 0, 1.01)
+    points = budget.sweep(["2", "5", "10", "20", "auto"], run, auto)
+    assert ran == ["2", "5", "10"]
+    assert [p.label for p in points] == ["2 s", "5 s", "10 s", "20 s", "auto (30 s)"]
+    assert points[3].outcome is full and points[3].same_as == "10"
+    assert points[4].outcome is auto and points[4].same_as is None
+    # A 30 s budget is the auto row's own: nothing is started for it.
+    assert budget.sweep(["30"], run, auto)[0].outcome is auto and ran == ["2", "5", "10"]
+    # Without the warmgate row, auto is a start of its own.
+    assert budget.sweep(["auto"], run)[0].outcome is full and ran[-1] == "auto"
+
+
+def test_budget_table_and_chart(tmp_path: Path) -> None:
+    points = [
+        budget.Point("2 s", _budget_start(2.0, 2.1, 12, 1.6), "2"),
+        budget.Point("5 s", _budget_start(5.0, 5.2, 4, 1.3), "5"),
+    ]
+    full = _budget_start(30.0, 8.0, 0, 1.02)
+    points += [budget.Point("10 s", full, "10"), budget.Point("auto (30 s)", full, "auto", "10")]
+    pairwise = _start("warmgate-pairwise", 2.0, 36.0, ratio=1.05, kernels=1)
+    points.append(budget.Point("pairwise", pairwise))
+    baselines = [_start("health", 2.0, 2.0, ratio=1.9, kernels=36)]
+    assert [labels for _, labels, _ in point_groups(points)] == [
+        ["2 s"], ["5 s"], ["10 s", "auto (30 s)"], ["pairwise"],
+    ]  # fmt: skip
+    assert [kind for _, _, kind in point_groups(points)] == ["budget"] * 3 + ["pairwise"]
+    lines = budget.table(points, baselines).splitlines()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")] for line in lines[2:8]}
+    assert list(rows) == ["2 s", "5 s", "10 s", "auto (30 s)", "pairwise", "health"]
+    # budget s | warm-up s | warm-up / healthy | shapes | max first/warm | noise floor | worst | kernels
+    assert rows["2 s"][2:10] == [
+        "2",
+        "2.1",
+        "1.05",
+        "20: 12 cold, 8 verified",
+        "1.60",
+        "1.00",
+        "chat",
+        "12",
+    ]
+    assert rows["auto (30 s)"][2:4] == ["30", "8.0"] and "10 s start" in rows["auto (30 s)"][-2]
+    assert rows["10 s"][2] == "10"  # the budget asked for, whichever start answered it
+    assert rows["health"][3:10] == ["0.0", "0.00", "-", "1.90", "1.00", "chat", "36"]
+    data = budget.as_json_points(points, baselines)
+    assert [p["label"] for p in data["points"]] == [p.label for p in points]
+    assert data["points"][3]["same_as"] == "10" and data["points"][0]["budget_bound"]
+    assert [b["strategy"] for b in data["baselines"]] == ["health"]
+    json.dumps(data)
+    # Baselines with one value share a line; the noise floor is the longest budget start's.
+    twins = [*baselines, _start("none", 2.5, 0.0, ratio=1.9, kernels=40)]
+    assert reference_lines(twins, lambda o: o.max_ratio) == {1.9: ["health", "none"]}
+    assert reference_lines(twins, lambda o: o.compiled_after_ready) == {
+        36: ["health"],
+        40: ["none"],
+    }
+    points[0].outcome.requests[0].warm_cost_ms = [130.0, 100.0, 100.0]  # still compiling
+    assert points[0].outcome.noise_floor == pytest.approx(1.3)
+    assert _noise_floor(point_groups(points)) == (1.0, "10 s")
+    assert budget_chart(points, twins, tmp_path / "budget.png", "sim")
+    assert (tmp_path / "budget.png").read_bytes()[:8] == PNG
+    # Over a server without cost reports (real vLLM) there is no kernels column or panel.
+    for p in points:
+        for m in p.outcome.requests:
+            m.first_cost_ms = m.first_compile_ms = None
+    assert budget.table(points, []).splitlines()[2].split("|")[9].strip() == "-"
+    assert budget_chart(points, [], tmp_path / "real.png", "vLLM")

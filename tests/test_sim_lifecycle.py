@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from simutil import Sim, cost, poll, refused, run_sim, sse_events
 from wgutil import free_port
 
@@ -152,6 +153,21 @@ def test_options_from_environment_variables() -> None:
         assert (card["id"], card["max_model_len"]) == ("env/model", 1234)
 
 
+def test_engine_config_line_shows_the_step_budget_from_flags_and_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # vLLM's engine core prints it on stdout before loading; --crash-after ends the run.
+    default = run_sim(["--crash-after", "0.3", "--max-model-len", "2048"])
+    (line,) = [x for x in default.stdout.splitlines() if "Initializing a V1 LLM engine" in x]
+    assert "max_seq_len=2048, " in line and "enable_chunked_prefill=True, " in line
+    assert "'compile_ranges_endpoints': [2048], " in line  # the CPU build's default budget
+    monkeypatch.setenv("WARMGATE_SIM_ENABLE_CHUNKED_PREFILL", "false")
+    monkeypatch.setenv("WARMGATE_SIM_MAX_NUM_BATCHED_TOKENS", "4096")
+    from_env = run_sim(["--crash-after", "0.3", "--max-model-len", "4096"])
+    assert "enable_chunked_prefill=False, " in from_env.stdout
+    assert "'compile_ranges_endpoints': [4096], " in from_env.stdout
+
+
 def test_costs_file_overrides_the_profile(tmp_path: Path) -> None:
     costs = tmp_path / "costs.toml"
     costs.write_text('[compile_ms]\n"logprobs" = 1000\n')
@@ -165,6 +181,13 @@ def test_bad_options_exit_2_with_a_message(tmp_path: Path) -> None:
     assert flap.returncode == 2
     assert "--health-flap" in flap.stderr
     assert run_sim(["--on-sigterm", "explode"]).returncode == 2
+    budget = run_sim(["--max-num-batched-tokens", "512", "--no-enable-chunked-prefill"])
+    assert budget.returncode == 2
+    assert budget.stderr.strip().splitlines() == [
+        "warmgate sim: --max-num-batched-tokens 512 is smaller than --max-model-len 4096 with "
+        "--no-enable-chunked-prefill, which makes vLLM reject longer prompts: raise "
+        "--max-num-batched-tokens, lower --max-model-len or enable chunked prefill"
+    ]
     bad_costs = tmp_path / "bad.json"
     bad_costs.write_text(json.dumps({"warp_speed": 9}))
     result = run_sim(["--costs", str(bad_costs)])

@@ -13,10 +13,13 @@ from warmgate.options import DEFAULT_INFLIGHT_METRICS as DEFAULT_INFLIGHT_METRIC
 from warmgate.options import OnWarmupFailure
 
 if TYPE_CHECKING:  # the plan module loads after the child is spawned
+    from warmgate.engineconfig import EngineConfig
     from warmgate.plan import PlanFileSpec
 
 # Every default is the option table's (warmgate/options.py); so is every check.
 _DEFAULT = options.DEFAULTS
+AUTO_BUDGET_FLOOR_S = 30.0
+AUTO_BUDGET_SHARE = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,9 +36,23 @@ class WarmupSettings:
     max_tokens: int = _DEFAULT["max_tokens"]
     concurrency: tuple[int, ...] = _DEFAULT["concurrency"]
     features: tuple[str, ...] = _DEFAULT["features"]
-    max_inflight_tokens: int = _DEFAULT["max_inflight_tokens"]
+    max_inflight_tokens: int | None = _DEFAULT["max_inflight_tokens"]
+    coverage: str = _DEFAULT["coverage"]
+    warmup_budget: float | None = _DEFAULT["warmup_budget"]  # None: auto (budget_seconds)
     warmup_timeout: float = _DEFAULT["warmup_timeout"]
     request_timeout: float = _DEFAULT["request_timeout"]
+    # What the engine specialises on (warmgate.engineconfig); None: vLLM's defaults.
+    engine: EngineConfig | None = None
+
+    def budget_seconds(self, healthy_after: float | None) -> float:
+        """The warm-up budget: --warmup-budget, or auto = max(30 s, a quarter of the time
+        the upstream took to turn healthy): a warm-up that costs a small share of the
+        start it follows. Never more than --warmup-timeout, which means failure."""
+        if self.warmup_budget is not None:
+            budget = self.warmup_budget
+        else:
+            budget = max(AUTO_BUDGET_FLOOR_S, AUTO_BUDGET_SHARE * (healthy_after or 0.0))
+        return min(budget, self.warmup_timeout)
 
     def __post_init__(self) -> None:
         _check(self)

@@ -27,9 +27,9 @@ from types import MappingProxyType
 from typing import Any, assert_never
 from urllib.parse import urlsplit
 
-from warmgate import inflight, log, plan, probe, process, servers
+from warmgate import engineconfig, inflight, log, plan, probe, process, servers
 from warmgate.cache import CacheReport, quarantine_path, read_quarantine, write_quarantine
-from warmgate.childlog import JitScanner
+from warmgate.childlog import EngineConfigScanner, JitScanner
 from warmgate.config import RunSettings, WarmupSettings
 from warmgate.drain import (
     Continue,
@@ -41,6 +41,7 @@ from warmgate.drain import (
     Unread,
     Verdict,
 )
+from warmgate.engineconfig import EngineConfig
 from warmgate.errors import Ending
 from warmgate.lifecycle import (
     ENGINE_DIED,
@@ -112,6 +113,9 @@ class Gate:
             startup_timeout=settings.startup_timeout,
         )
         self.jit = JitScanner()
+        self.engine_line = EngineConfigScanner()  # the engine's config, as it logged it
+        self.engine: EngineConfig | None = None  # resolved when the warm-up starts
+        self.budget_s: float | None = None
         # Request ids are tracked only when the engine logs both ends of each request.
         self.requests = (
             inflight.RequestLog() if inflight.logs_request_ends(settings.command) else None
@@ -157,6 +161,12 @@ class Gate:
             "child": {"pid": self.child.pid, "rss_bytes": self._host.child_rss},
             "gpus": self._host.gpus,
             "shapes": [r.as_dict() for r in self.progress.results],
+            "warmup": {
+                "coverage": self.settings.warmup.coverage,
+                "budget_s": self.budget_s,
+                "cold": [r.family for r in self.progress.cold()],
+                "engine": self.engine.as_dict() if self.engine is not None else None,
+            },
             "jit_misses_after_ready": self.jit.after_ready,
             "jit_lines_total": self.jit.total,
             "drain": self._drain_status(self.drain.state) if self.drain is not None else None,
@@ -174,6 +184,9 @@ class Gate:
             drain_seconds=drain.seconds if drain is not None else 0.0,
             cache_bytes=MappingProxyType(self.cache.sizes() if self.cache is not None else {}),
             quarantined=MappingProxyType(_count_by_feature(self.quarantined)),
+            cold=MappingProxyType(
+                _count_by_feature([r.key.as_dict() for r in self.progress.cold()])
+            ),
         )
         return probe.ProbeSnapshot(
             phase=life.phase.value,
@@ -195,6 +208,8 @@ class Gate:
     def scan_output(self, stream: int, data: bytes) -> None:
         """A copy of the child's output, from the pump threads."""
         self.jit.feed(stream, data)
+        if self.engine_line.line is None:
+            self.engine_line.feed(stream, data)
         if self.requests is not None:
             self.requests.feed(stream, data)
         if self.cache is not None:
@@ -343,9 +358,38 @@ class Gate:
             self._summarise(time.monotonic() - began)
             await self._measure_cache("warm")
 
+    def _plan_inputs(self, settings: WarmupSettings) -> WarmupSettings:
+        """What the plan needs that only now is known: the engine's limits (its start-up
+        line, else its command line, else vLLM's defaults) and the budget in seconds."""
+        gpus = self._host.gpus
+        memory = int(gpus[0]["memory_total_bytes"]) if gpus else None
+        self.engine = engineconfig.resolve(
+            engineconfig.from_log(self.engine_line.line or ""),
+            engineconfig.from_argv(self.settings.command),
+            engineconfig.defaults(memory),
+        )
+        healthy_after = time.monotonic() - self.started_mono
+        self.budget_s = settings.budget_seconds(healthy_after)
+        self._log.info("engine_config", **self.engine.as_dict())
+        self._log.info(
+            "warmup_budget",
+            budget_s=round(self.budget_s, 1),
+            healthy_s=round(healthy_after, 1),
+            rule="--warmup-budget" if settings.warmup_budget is not None else "auto",
+            coverage=settings.coverage,
+        )
+        return dataclasses.replace(
+            settings,
+            upstream=self.upstream_url,
+            api_key=self._api_key,
+            engine=self.engine,
+            warmup_budget=self.budget_s,
+        )
+
     async def _run_worker(self, settings: WarmupSettings) -> None:
         """The warm-up runs in a worker process (warmgate.worker); its events land here."""
-        settings = dataclasses.replace(settings, upstream=self.upstream_url, api_key=self._api_key)
+        settings = self._plan_inputs(settings)
+        self.publish()
         keys = [k for r in self.quarantined if (k := plan.ShapeKey.from_dict(r)) is not None]
         worker = Worker.spawn()
         self._log.info("warmup_worker", pid=worker.pid)
@@ -463,6 +507,14 @@ class Gate:
         for r in results:
             counts[r.status] = counts.get(r.status, 0) + 1
         self._log.info("warmup_summary", ms=round(seconds * 1000), shapes=len(results), **counts)
+        if cold := self.progress.cold():
+            self._log.warning(
+                "warmup_budget_spent",
+                budget_s=self.budget_s,
+                cold=[r.family for r in cold],
+                note=f"{len(cold)} shapes stayed cold: the first such client requests pay "
+                "their one-time costs; raise --warmup-budget to warm them",
+            )
         if results and sys.stderr.isatty():
             print(summary_table(results), file=sys.stderr, flush=True)
 

@@ -26,6 +26,7 @@ FEATURES = ("greedy", "sampling", "penalties", "seed", "n", "logprobs", "prompt_
 ALL_FEATURES = ",".join(FEATURES)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
+COVERAGES = ("engine", "pairwise")  # warmgate.plan builds each
 OnWarmupFailure = Literal["fail", "ready"]
 ON_WARMUP_FAILURE: tuple[OnWarmupFailure, ...] = get_args(OnWarmupFailure)
 # vLLM's gauges of requests it holds; SGLang users pass theirs with --inflight-metric.
@@ -147,6 +148,16 @@ def parse_buckets(text: str) -> tuple[int, ...]:
         raise OptionError(f"{text!r}: use comma-separated integers such as {_BUCKETS}") from None
 
 
+def parse_budget(text: str | float) -> float | None:
+    """'auto' -> None (decided once the upstream is healthy); '45' -> 45.0."""
+    if isinstance(text, float | int) or text.strip() != "auto":
+        try:
+            return float(text)
+        except ValueError:
+            raise OptionError(f"{text!r}: use auto or a number of seconds such as 30") from None
+    return None
+
+
 def _names(values: Iterable[str] | None) -> tuple[str, ...]:
     return tuple(values or ())
 
@@ -239,7 +250,7 @@ OPTIONS: tuple[Option, ...] = (
         "converge",
         "float",
         0.10,
-        "A shape is warm when a run is within this fraction of the last.",
+        "A cold shape is warm when a run is within this fraction of the last.",
         RUN_AND_WARMUP,
         check=_fraction,
     ),
@@ -280,16 +291,36 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "max_inflight_tokens",
         "int",
-        131_072,
-        "Cap on prompt tokens x concurrency of one shape.",
+        None,
+        "Cap on prompt tokens x concurrency of one shape; default: the engine's step "
+        "budget (pairwise: 8 budgets).",
         RUN_AND_WARMUP,
         check=_at_least(1),
+    ),
+    Option(
+        "coverage",
+        "choice",
+        "engine",
+        "engine: each specialisation of the engine once; pairwise: the thorough sweep.",
+        RUN_AND_WARMUP,
+        choices=COVERAGES,
+        parse=str,
+    ),
+    Option(
+        "warmup_budget",
+        "str",
+        "auto",
+        "Seconds of warm-up, most valuable shapes first; then Ready with a warning. "
+        "auto: max(30, 0.25 x the seconds to healthy).",
+        RUN_AND_WARMUP,
+        check=_positive,
+        parse=parse_budget,
     ),
     Option(
         "warmup_timeout",
         "float",
         900.0,
-        "Seconds the whole warm-up may take.",
+        "Seconds the whole warm-up may take (exit 70); the budget never exceeds it.",
         RUN_AND_WARMUP,
         check=_positive,
     ),
@@ -375,7 +406,8 @@ OPTIONS: tuple[Option, ...] = (
         "strategies",
         "str",
         "none,health,warmup.sh,warmgate",
-        "Comma list of none, health, warmup.sh, warmgate, plan (plan needs --plan).",
+        "Comma list of none, health, warmup.sh, warmgate, warmgate-pairwise, plan (plan "
+        "needs --plan).",
     ),
     _bench("plan", "path", None, "The user plan of the plan strategy."),
     _bench(
@@ -392,6 +424,13 @@ OPTIONS: tuple[Option, ...] = (
         "1",
         "Fresh starts per strategy: N, or N,STRATEGY=M,... (e.g. 1,warmgate=3); each "
         "request's ratio is the median over them.",
+    ),
+    _bench(
+        "budgets",
+        "str",
+        "",
+        "Also start the warmgate strategy once per --warmup-budget (comma list of seconds "
+        "and auto, e.g. 2,5,10,auto): budget.md and budget.png, warmth against warm-up time.",
     ),
     _bench(
         "pin_output",

@@ -1,18 +1,27 @@
-"""The warm-up plan: a pure function of the settings and what the upstream reported.
+"""The warm-up plan: a pure function of the settings, the engine's limits and what the
+upstream reported.
 
-A *shape family* is (endpoint, streaming, sampling feature, prompt-length octave,
-concurrency bucket). Engines specialise kernels on combinations of these (sampling
-path x batch size, logprobs x prefill length), so a plan that varies one factor at a
-time around a base request misses most of them, and the full cross product is far too
-big. The default plan for a generating model is a *pairwise covering*: every pair of
-levels of two different factors appears in at least one shape. For max_model_len 2048
-and the default settings that is 9 lengths x 8 features x 4 buckets x 2 endpoints x
-2 stream modes -> 72 shapes (the lower bound: 9 x 8 pairs of the two biggest factors).
+A *shape* is (endpoint, streaming, sampling features, prompt length, concurrency): one
+batch of requests the shell sends at once. Engines specialise kernels on combinations of
+these (sampling path x batch size, logprobs x prefill length), and on their own limits: a
+step computes at most `step_budget` tokens (vLLM's max_num_batched_tokens), so a longer
+prompt, or a batch of prompts, only chunks into steps of sizes the plan already covers.
 
-Two pairs are never planned because they are invalid or unbounded:
-- prompt_logprobs with stream=True (vLLM refuses it);
-- prompt length x concurrency above `max_inflight_tokens` (long-context models would
-  otherwise warm up with millions of prompt tokens at once).
+Two coverages:
+- "engine" (the default) covers each kind of specialisation once, as cheaply as it can:
+  feature rows (a pairwise covering of path x add-on features x endpoint x stream, one
+  short request carrying several features), one request per prompt-length octave up to
+  one step budget, one mixed batch per power-of-two batch size, and one chunked prompt.
+  24 shapes for a 2048-token context, and no more for a longer one but the chunked
+  prompt. The shapes run most valuable first (order_by_value), so that a warm-up budget
+  cuts the least useful ones.
+- "pairwise" is the thorough sweep: every pair of levels of two of (length octave up to
+  the context, one feature, concurrency bucket, endpoint, stream) in some shape, 72
+  shapes at 2048 tokens, in covering order.
+
+Never planned: prompt_logprobs with stream=True (vLLM refuses it), and prompt tokens x
+concurrency above the load cap (one step budget for "engine", eight for "pairwise"),
+but for the engine plan's one chunked prompt.
 
 Prompts are fresh for every request (the prefix cache would otherwise make warm
 timings look up to 8x too good): token-id lists when the upstream has /tokenize, exact
@@ -34,7 +43,8 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from warmgate.options import DEFAULTS, FEATURES
+from warmgate.latency import Batch, prior_ms
+from warmgate.options import COVERAGES, DEFAULTS, FEATURES
 
 __all__ = [
     "DEFAULT_TOKENS_PER_WORD",
@@ -52,14 +62,17 @@ __all__ = [
     "ShapeKey",
     "ShapeSpec",
     "UpstreamInfo",
+    "batch_of",
     "body_for",
     "build_plan",
     "covering_rows",
     "length_levels",
+    "order_by_value",
     "parse_plan_file",
     "prompt_text",
     "prompt_token_ids",
     "redacted_body",
+    "split_features",
     "to_quarantine",
     "without_quarantined",
 ]
@@ -108,7 +121,11 @@ _NO_STREAM_FEATURES = frozenset({"prompt_logprobs"})  # vLLM: not available with
 
 DEFAULT_TOKENS_PER_WORD = 1.5  # on the high side, so text prompts come out short, not long
 DEFAULT_MAX_MODEL_LEN = 2048  # when neither the upstream nor the settings say
-MIN_REPEATS = 2  # runs a shape needs before it can count as converged
+MIN_REPEATS = 2  # runs a cold shape needs before it can count as converged
+DEFAULT_STEP_BUDGET = 2048  # vLLM's max_num_batched_tokens when nothing says otherwise
+DEFAULT_MAX_NUM_SEQS = 256
+PAIRWISE_BUDGETS = 8  # the pairwise sweep's default load cap, in step budgets
+_SHORT_PROMPT = 32  # feature and batch shapes: the features, not the prompt, are the point
 _TEMPLATE_TOKENS = 32  # room for the chat template / special tokens around text prompts
 _TEXT_SLACK = 0.10  # text prompts miss their target by up to this much
 
@@ -206,7 +223,7 @@ class PlanSettings:
     max_tokens: int = DEFAULTS["max_tokens"]
     concurrency: tuple[int, ...] = DEFAULTS["concurrency"]
     min_prompt_tokens: int = 4
-    max_inflight_tokens: int = DEFAULTS["max_inflight_tokens"]  # prompt tokens x concurrency
+    max_inflight_tokens: int | None = DEFAULTS["max_inflight_tokens"]  # None: from step_budget
     features: tuple[str, ...] = DEFAULTS["features"]
     endpoints: tuple[str, ...] = _GENERATE  # for generating models
     stream: tuple[bool, ...] = (False, True)
@@ -216,6 +233,20 @@ class PlanSettings:
     min_repeats: int = MIN_REPEATS
     max_repeats: int = DEFAULTS["max_repeats"]
     plan_file: PlanFileSpec | None = None
+    coverage: str = DEFAULTS["coverage"]  # "engine" or "pairwise"
+    # What the engine specialises on (warmgate.engineconfig reads it from the child):
+    step_budget: int = DEFAULT_STEP_BUDGET  # max_num_batched_tokens: tokens one step computes
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
+    chunked_prefill: bool = True
+
+    @property
+    def inflight_cap(self) -> int:
+        """Prompt tokens x concurrency one shape may put in flight. By default one step
+        budget for the engine plan: more only chunks into steps the plan already covers.
+        The pairwise sweep keeps its thorough 8 budgets."""
+        if self.max_inflight_tokens is not None:
+            return self.max_inflight_tokens
+        return self.step_budget * (1 if self.coverage == "engine" else PAIRWISE_BUDGETS)
 
     def __post_init__(self) -> None:
         _check(
@@ -228,6 +259,12 @@ class PlanSettings:
         _check(
             1 <= self.min_repeats <= self.max_repeats,
             f"need 1 <= min_repeats <= max_repeats, got {self.min_repeats}, {self.max_repeats}",
+        )
+        _check(
+            self.coverage in COVERAGES, f"unknown coverage {self.coverage!r}; use {_or(COVERAGES)}"
+        )
+        _check(
+            self.step_budget >= 1 and self.max_num_seqs >= 1, "step budget and seqs must be >= 1"
         )
         _check(
             self.max_model_len is None or self.max_model_len > self.max_tokens,
@@ -258,6 +295,19 @@ class Shape:
     max_tokens: int = 0  # 0 for pooling endpoints
     fields: Mapping[str, Any] = field(default_factory=dict, hash=False)
     recorded: Mapping[str, Any] | None = field(default=None, hash=False)
+    # A mixed batch: request i also takes variants[i % len] (a different sampling path
+    # each, as real traffic mixes them in one step). `feature` then names them with ",".
+    variants: tuple[Mapping[str, Any], ...] = field(default=(), hash=False)
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        return split_features(self.feature)
+
+    @property
+    def seqs(self) -> int:
+        """Sequences the batch decodes at once: n=2 doubles a request."""
+        per_request = 2 if "n" in self.features and not self.variants else 1
+        return self.concurrency * per_request
 
     @property
     def key(self) -> ShapeKey:
@@ -291,6 +341,10 @@ class ShapeKey:
     def load(self) -> int:
         """Prompt tokens the shape puts in flight at once."""
         return self.prompt_tokens * self.concurrency
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        return split_features(self.feature)
 
     def as_dict(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in _KEY_TYPES}
@@ -495,9 +549,209 @@ def _default_shapes(
         elif model.is_lora:
             shapes += _lora_shapes(model, context, settings, upstream, first=not lora_seen)
             lora_seen = True
+        elif settings.coverage == "engine":
+            shapes += order_by_value(_engine_shapes(model, context, settings, upstream, warnings))
         else:
             shapes += _generate_shapes(model, context, settings, upstream, warnings)
     return shapes
+
+
+# --- the engine plan: what the engine specialises on, each covered once ------------------
+#
+# Sampling paths are exclusive (a request takes one); add-ons ride along with any path.
+_PATHS = ("greedy", "sampling", "seed")
+_ADDONS = ("penalties", "n", "logprobs", "prompt_logprobs", "json")
+# Features whose work grows with the prompt (logits over prompt positions, prefill-sized
+# buffers): they are warmed at every prompt length, the others once.
+_LENGTH_FEATURES = ("logprobs", "prompt_logprobs")
+
+
+def _engine_shapes(
+    model: ModelInfo,
+    context: int,
+    settings: PlanSettings,
+    upstream: UpstreamInfo,
+    warnings: list[str],
+) -> list[Shape]:
+    """The default plan of a generating model, built around the engine's own limits.
+
+    Four groups, each covering one kind of specialisation with as little compute as can:
+    - features: a pairwise covering of path x add-ons x endpoint x stream, one short
+      request per row, so one request warms several features and their pairs;
+    - lengths: one request per prompt-length octave up to one step budget, carrying
+      the length-dependent features. A longer prompt only chunks into such steps;
+    - batches: one mixed batch per power-of-two batch size up to the largest
+      --concurrency bucket, its requests taking the sampling paths in turn (sampler
+      kernels specialise on the batch size and the mix of a step);
+    - chunked: one prompt longer than a step, when the context allows it.
+    """
+    limit = context - settings.max_tokens
+    top = min(limit, settings.step_budget)
+    endpoints = _fitting_endpoints(model, context, settings, upstream, warnings)
+    paths = [f for f in _PATHS if f in settings.features]
+    addons = [f for f in _ADDONS if f in settings.features]
+    if settings.stream == (True,) and "prompt_logprobs" in addons:
+        warnings.append("prompt_logprobs needs stream=false, which the settings exclude; skipped")
+        addons.remove("prompt_logprobs")
+    if not endpoints:
+        return []
+    if top < settings.min_prompt_tokens:
+        warnings.append(
+            f"model {model.id!r}: max_model_len {context} leaves no prompt length "
+            f"of at least {settings.min_prompt_tokens} tokens; skipped"
+        )
+        return []
+
+    def shape(endpoint: str, stream: bool, features: Sequence[str], length: int, c: int) -> Shape:
+        made = _gen_shape(
+            model, endpoint, stream, "greedy", length, c, settings.max_tokens, upstream, limit
+        )
+        feature = "+".join(features) or "default"
+        return replace(
+            made,
+            family=made.family.replace("/greedy/", f"/{feature}/", 1),
+            feature=feature,
+            fields=_combined_fields(features, endpoint),
+        )
+
+    short = min(_SHORT_PROMPT, top)
+    shapes = [
+        shape(endpoint, stream, features, short, 1)
+        for endpoint, stream, features in _feature_rows(paths, addons, endpoints, settings.stream)
+    ]
+    along = [f for f in addons if f in _LENGTH_FEATURES]
+    lengths_on = "completions" if "completions" in endpoints else endpoints[0]
+    lengths = length_levels(top, settings.min_prompt_tokens)
+    shapes += [shape(lengths_on, False, paths[:1] + along, n, 1) for n in lengths]
+    shapes += _mixed_batches(shape, paths, endpoints, short, settings)
+    if settings.chunked_prefill and limit > settings.step_budget:
+        # Greedy: the vLLM CPU build kills its engine on a seeded prefill that is chunked.
+        shapes.append(shape(lengths_on, False, ["greedy"], limit, 1))
+    return shapes
+
+
+def _feature_rows(
+    paths: Sequence[str],
+    addons: Sequence[str],
+    endpoints: Sequence[str],
+    streams: Sequence[bool],
+) -> list[tuple[str, bool, list[str]]]:
+    """(endpoint, stream, features) rows covering every pair of path, add-on (on or
+    off), endpoint and stream mode, except prompt_logprobs with stream (vLLM refuses it)
+    and n with greedy (n identical answers)."""
+    path_levels: list[str | None] = list(paths) or [None]
+    factors: list[Sequence[Any]] = [path_levels, *[(False, True)] * len(addons), endpoints, streams]
+    stream_at = len(factors) - 1
+
+    def pair_ok(i: int, a: int, j: int, b: int) -> bool:
+        level = {i: factors[i][a], j: factors[j][b]}
+        for f, on in level.items():
+            if 0 < f < stream_at - 1 and on is True:
+                name = addons[f - 1]
+                if name == "prompt_logprobs" and level.get(stream_at) is True:
+                    return False
+                if name == "n" and level.get(0) == "greedy":
+                    return False
+        return True
+
+    rows = []
+    for row in covering_rows([len(f) for f in factors], pair_ok):
+        values = [factors[f][v] for f, v in enumerate(row)]
+        path, flags, endpoint, stream = values[0], values[1:-2], values[-2], values[-1]
+        features = ([path] if path else []) + [a for a, on in zip(addons, flags, strict=True) if on]
+        rows.append((endpoint, stream, features))
+    return rows
+
+
+def _mixed_batches(
+    shape: Callable[[str, bool, Sequence[str], int, int], Shape],
+    paths: Sequence[str],
+    endpoints: Sequence[str],
+    short: int,
+    settings: PlanSettings,
+) -> list[Shape]:
+    """One batch per power-of-two size from 2 to the largest bucket (engines pad batches
+    to such sizes), each request on the next sampling path, so that every path meets
+    every size. A size smaller than the number of paths takes several batches."""
+    most = min(max(settings.concurrency), settings.max_num_seqs, settings.inflight_cap // short)
+    mixed = []
+    size, turn = 2, 0
+    while size <= most and paths:
+        for first in range(0, len(paths), size):
+            order = [paths[(first + i) % len(paths)] for i in range(size)]
+            endpoint = endpoints[turn % len(endpoints)]
+            turn += 1
+            made = shape(endpoint, False, [], short, size)
+            feature = ",".join(dict.fromkeys(order))
+            mixed.append(
+                replace(
+                    made,
+                    family=made.family.replace("/default/", f"/mix:{feature}/", 1),
+                    feature=feature,
+                    variants=tuple(_combined_fields([p], endpoint) for p in order),
+                )
+            )
+        size *= 2
+    return mixed
+
+
+def _combined_fields(features: Sequence[str], endpoint: str) -> Body:
+    """The body fields of several features at once. The sampling path goes last, so
+    its temperature wins over an add-on's (n and seed set one to sample at all)."""
+    merged: Body = {}
+    for name in sorted(features, key=lambda f: f in _PATHS):
+        merged.update(copy.deepcopy(_FEATURE_FIELDS[name][0 if endpoint == "completions" else 1]))
+    return merged
+
+
+# --- ordering by value ---------------------------------------------------------------------
+
+
+def order_by_value(shapes: Sequence[Shape]) -> list[Shape]:
+    """The shapes, most value first: the one-time cost a shape is expected to remove per
+    second it takes. Cost is latency.prior_ms; the one-time cost removed is counted as
+    the specialisations (a feature, a feature on an endpoint, a prompt-length octave, a
+    sampling path at a batch size...) the shape is first to touch, one unit each.
+    Greedy: each pick sees what the earlier ones covered. Ties keep the plan's order."""
+    left = list(shapes)
+    claims = {id(s): _claims(s) for s in left}
+    cost = {id(s): prior_ms(batch_of(s)) for s in left}
+    covered: set[tuple[Any, ...]] = set()
+    ordered: list[Shape] = []
+    while left:
+        best = max(left, key=lambda s: len(claims[id(s)] - covered) / cost[id(s)])
+        if not claims[id(best)] - covered:
+            ordered += left  # nothing new anywhere: the rest keep their order
+            break
+        left.remove(best)
+        ordered.append(best)
+        covered |= claims[id(best)]
+    return ordered
+
+
+def batch_of(shape: Shape) -> Batch:
+    """What one run of `shape` asks of the engine, for warmgate.latency."""
+    return Batch(shape.key.load, shape.max_tokens, shape.seqs)
+
+
+def _claims(shape: Shape) -> set[tuple[Any, ...]]:
+    """The specialisations a shape touches (see order_by_value)."""
+    endpoint, stream, size = shape.endpoint, shape.stream, _pow2(shape.prompt_tokens)
+    features = shape.features
+    claims: set[tuple[Any, ...]] = {("endpoint", endpoint, stream), ("length", size)}
+    for f in features:
+        claims |= {("feature", f), ("feature@endpoint", f, endpoint), ("feature@stream", f, stream)}
+        if f in _LENGTH_FEATURES:
+            claims.add(("feature@length", f, size))
+    if not shape.variants:
+        claims |= {("pair", f, g) for f, g in itertools.combinations(sorted(features), 2)}
+    for path in [f for f in features if f in _PATHS] or ["default"]:
+        claims.add(("batch", path, _pow2(shape.seqs)))
+    return claims
+
+
+def _pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 def _generate_shapes(
@@ -509,19 +763,17 @@ def _generate_shapes(
 ) -> list[Shape]:
     limit = context - settings.max_tokens
     lengths = length_levels(limit, settings.min_prompt_tokens)
+    if lengths and lengths[-1] > settings.inflight_cap:
+        warnings.append(
+            f"prompts above max_inflight_tokens {settings.inflight_cap} skipped "
+            f"(max_model_len {context}); raise --max-inflight-tokens to warm them"
+        )
+        lengths = tuple(n for n in lengths if n <= settings.inflight_cap)
     features = settings.features
     if settings.stream == (True,) and "prompt_logprobs" in features:
         warnings.append("prompt_logprobs needs stream=false, which the settings exclude; skipped")
         features = tuple(f for f in features if f != "prompt_logprobs")
-    endpoints = settings.endpoints
-    text_only = () if upstream.has_tokenize else ("completions",)
-    if _text_cap(limit) < settings.min_prompt_tokens:  # no room for a text prompt + template
-        endpoints = tuple(e for e in endpoints if e != "chat" and e not in text_only)
-        dropped = _or([e for e in settings.endpoints if e not in endpoints])
-        warnings.append(
-            f"model {model.id!r}: max_model_len {context} is too short for text "
-            f"prompts; {dropped} skipped"
-        )
+    endpoints = _fitting_endpoints(model, context, settings, upstream, warnings)
     concurrency = _bounded_buckets(settings, lengths, warnings)
     if not endpoints:
         return []
@@ -544,7 +796,7 @@ def _generate_shapes(
         level = {i: factors[i][a], j: factors[j][b]}
         if 1 in level and 4 in level and level[1] in _NO_STREAM_FEATURES and level[4]:
             return False
-        too_big = 0 in level and 2 in level and level[0] * level[2] > settings.max_inflight_tokens
+        too_big = 0 in level and 2 in level and level[0] * level[2] > settings.inflight_cap
         return not too_big
 
     shapes = []
@@ -558,18 +810,38 @@ def _generate_shapes(
     return shapes
 
 
+def _fitting_endpoints(
+    model: ModelInfo,
+    context: int,
+    settings: PlanSettings,
+    upstream: UpstreamInfo,
+    warnings: list[str],
+) -> tuple[str, ...]:
+    """The endpoints whose prompts fit the context: text ones need room for the template."""
+    endpoints = settings.endpoints
+    text_only = () if upstream.has_tokenize else ("completions",)
+    if _text_cap(context - settings.max_tokens) < settings.min_prompt_tokens:
+        endpoints = tuple(e for e in endpoints if e != "chat" and e not in text_only)
+        dropped = _or([e for e in settings.endpoints if e not in endpoints])
+        warnings.append(
+            f"model {model.id!r}: max_model_len {context} is too short for text "
+            f"prompts; {dropped} skipped"
+        )
+    return endpoints
+
+
 def _bounded_buckets(
     settings: PlanSettings, lengths: Sequence[int], warnings: list[str]
 ) -> tuple[int, ...]:
     shortest = lengths[0] if lengths else settings.min_prompt_tokens
     kept = tuple(
-        c for c in sorted(set(settings.concurrency)) if c * shortest <= settings.max_inflight_tokens
+        c for c in sorted(set(settings.concurrency)) if c * shortest <= settings.inflight_cap
     )
     if len(kept) < len(set(settings.concurrency)):
-        most = settings.max_inflight_tokens // shortest
+        most = settings.inflight_cap // shortest
         warnings.append(
             f"concurrency above {most} exceeds max_inflight_tokens "
-            f"{settings.max_inflight_tokens}; those buckets skipped"
+            f"{settings.inflight_cap}; those buckets skipped"
         )
     return kept
 
@@ -616,7 +888,7 @@ def _lora_shapes(
     rows = [(n, 1) for n in lengths] + [
         (lengths[0], c)
         for c in sorted(settings.concurrency)
-        if c > 1 and c * lengths[0] <= settings.max_inflight_tokens
+        if c > 1 and c * lengths[0] <= settings.inflight_cap
     ]
     if not first:
         rows = rows[:1]
@@ -636,7 +908,7 @@ def _pooling_shapes(
     shapes = []
     for n in length_levels(limit, settings.min_prompt_tokens):
         for c in sorted(settings.concurrency):
-            if n * c <= settings.max_inflight_tokens:
+            if n * c <= settings.inflight_cap:
                 shapes.append(
                     Shape(
                         f"{endpoint}/len{n}/c{c}",
@@ -748,22 +1020,29 @@ def _dedupe(shapes: list[Shape]) -> list[Shape]:
 # --- quarantine: shapes that killed the engine -------------------------------------
 
 
+def split_features(feature: str) -> tuple[str, ...]:
+    """The features a shape's `feature` names: "logprobs+json" (one request carries
+    both) or "greedy,sampling" (a mixed batch: each request one)."""
+    return tuple(dict.fromkeys(f for part in feature.split(",") for f in part.split("+") if f))
+
+
 def to_quarantine(
     planned: Sequence[ShapeKey], completed: Collection[ShapeKey], in_flight: Sequence[ShapeKey]
 ) -> tuple[ShapeKey, ...]:
     """What to leave out of the next start after the engine died with `in_flight` running.
 
-    The shapes in flight, and every planned shape of the same feature that is not known
-    to be safe: a larger load (prompt tokens x concurrency) than the largest shape of that
-    feature that completed before the crash. Without the second part the next start would
-    die on the next such shape. Shapes, never a whole feature: smaller ones stay warmed.
+    The shapes in flight, and every planned shape sharing a feature with them that is
+    not known to be safe: a larger load (prompt tokens x concurrency) than the largest
+    shape with that feature that completed before the crash. Without the second part the
+    next start would die on the next such shape. Shapes, never a whole feature: smaller
+    ones stay warmed. (A shape may carry several features; any one may be the culprit.)
     """
     quarantined = dict.fromkeys(in_flight)
     done = set(completed)
-    for feature in dict.fromkeys(s.feature for s in in_flight):
-        safe = max((s.load for s in done if s.feature == feature), default=0)
+    for feature in dict.fromkeys(f for s in in_flight for f in s.features):
+        safe = max((s.load for s in done if feature in s.features), default=0)
         for s in planned:
-            if s.feature == feature and s.load > safe and s not in done:
+            if feature in s.features and s.load > safe and s not in done:
                 quarantined[s] = None
     return tuple(quarantined)
 
@@ -791,8 +1070,8 @@ def without_quarantined(
 # --- requests -----------------------------------------------------------------------
 
 
-def body_for(shape: Shape, prompt: Sequence[int] | str) -> Body:
-    """The JSON body of one request of `shape`, given a fresh prompt.
+def body_for(shape: Shape, prompt: Sequence[int] | str, index: int = 0) -> Body:
+    """The JSON body of request `index` of a batch of `shape`, given a fresh prompt.
 
     `prompt` is a token-id list for prompt_kind "tokens" and text for "text"; it is
     ignored for "recorded" shapes, which are sent as recorded (with `model` set).
@@ -819,6 +1098,8 @@ def body_for(shape: Shape, prompt: Sequence[int] | str) -> Body:
         if shape.stream:
             body["stream_options"] = {"include_usage": True}  # usage lets the shell count tokens
     body.update(copy.deepcopy(dict(shape.fields)))
+    if shape.variants:
+        body.update(copy.deepcopy(dict(shape.variants[index % len(shape.variants)])))
     return body
 
 

@@ -31,6 +31,7 @@ class Counters:
     drain_seconds: float = 0.0
     cache_bytes: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     quarantined: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    cold: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # budget cut
 
 
 class Reading(Protocol):
@@ -145,6 +146,14 @@ class _StateCollector:
         for feature, count in c.quarantined.items():
             quarantined.add_metric([feature], float(count))
         yield quarantined
+        cold = GaugeMetricFamily(
+            "warmgate_cold_shapes",
+            "Planned shapes the warm-up budget left cold.",
+            labels=["feature"],
+        )
+        for feature, count in c.cold.items():
+            cold.add_metric([feature], float(count))
+        yield cold
 
 
 def process_tree_rss(pid: int) -> int | None:

@@ -20,6 +20,7 @@ import httpx
 
 from warmgate import log, plan
 from warmgate.config import WarmupSettings
+from warmgate.latency import LatencyModel, is_warm
 from warmgate.upstream import Reply, Upstream, UpstreamError
 
 RETRIES = 3  # attempts per request for 5xx, garbage and connection errors
@@ -37,8 +38,10 @@ class _Unsupported(Exception):
 @dataclass(slots=True)
 class ShapeResult:
     key: plan.ShapeKey
-    status: str = "pending"  # running | converged | out_of_repeats | skipped | failed
+    # running | converged | verified | out_of_repeats | unverified | skipped | failed | cold
+    status: str = "pending"
     runs_ms: list[float] = field(default_factory=list)
+    predicted_ms: float | None = None  # the warm-latency model's figure for the first run
     error: str | None = None
     body: dict[str, Any] | None = None  # one request's body, prompt redacted (plan.redacted_body)
 
@@ -56,16 +59,20 @@ class ShapeResult:
 
     @property
     def warm_ms(self) -> float | None:
-        return self.runs_ms[-1] if len(self.runs_ms) >= 2 else None
+        verified = self.status == "verified" and self.runs_ms
+        return self.runs_ms[-1] if len(self.runs_ms) >= 2 or verified else None
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "family": self.family,
             "model": self.model,
             "feature": self.key.feature,
+            "prompt_tokens": self.key.prompt_tokens,
+            "concurrency": self.key.concurrency,
             "status": self.status,
             "cold_ms": _round(self.cold_ms),
             "warm_ms": _round(self.warm_ms),
+            "predicted_ms": _round(self.predicted_ms),
             "repeats": len(self.runs_ms),
             "error": self.error,
         }
@@ -131,7 +138,15 @@ async def _model_kind(upstream: Upstream, model: str, timeout: float) -> str:
 
 
 def build(settings: WarmupSettings, info: plan.UpstreamInfo) -> plan.Plan:
-    """The plan for these settings and what the upstream reported."""
+    """The plan for these settings, the engine's limits and what the upstream reported."""
+    engine = settings.engine
+    limits: dict[str, Any] = {}
+    if engine is not None:
+        limits = {
+            "step_budget": engine.step_budget,
+            "max_num_seqs": engine.max_num_seqs,
+            "chunked_prefill": engine.chunked_prefill,
+        }
     return plan.build_plan(
         plan.PlanSettings(
             max_tokens=settings.max_tokens,
@@ -142,13 +157,18 @@ def build(settings: WarmupSettings, info: plan.UpstreamInfo) -> plan.Plan:
             converge=settings.converge,
             max_repeats=settings.max_repeats,
             plan_file=settings.plan,
+            coverage=settings.coverage,
+            **limits,
         ),
         info,
     )
 
 
 Emit = Callable[[dict[str, Any]], None]
-WARMED = ("converged", "out_of_repeats")
+# A shape is warm once it converged, its first run matched the warm-latency model
+# (verified), it ran out of repeats, or the budget ended its repeats (unverified).
+WARMED = ("converged", "verified", "out_of_repeats", "unverified")
+VERIFY_SLACK_MS = 10.0  # a first run this much over the model still counts as warm
 
 
 async def warm(
@@ -162,6 +182,7 @@ async def warm(
     Shapes in `quarantined` (they killed the engine before) are left out of the plan.
     Raises WarmupError when a shape fails or nothing could be warmed.
     """
+    began = time.monotonic()
     info, prompts = await discover(upstream, settings)
     the_plan, left_out = plan.without_quarantined(build(settings, info), quarantined)
     emit(
@@ -171,9 +192,11 @@ async def warm(
             "shapes": [s.key.as_dict() for s in the_plan.shapes],
             "quarantined": [s.key.as_dict() for s in left_out],
             "warnings": list(the_plan.warnings),
+            "coverage": settings.coverage,
         }
     )
-    await Runner(upstream, the_plan, prompts, settings, emit).run()
+    deadline = began + settings.budget_seconds(None)
+    await Runner(upstream, the_plan, prompts, settings, emit, deadline).run()
 
 
 class Runner:
@@ -186,6 +209,7 @@ class Runner:
         prompts: Prompts,
         settings: WarmupSettings,
         emit: Emit,
+        deadline: float = float("inf"),
     ) -> None:
         self.upstream, self.plan, self.prompts, self.settings = (
             upstream,
@@ -194,12 +218,18 @@ class Runner:
             settings,
         )
         self._emit = emit
+        self._deadline = deadline  # time.monotonic() when the warm-up budget is spent
         self._refused: set[tuple[str, str]] = set()  # (model, feature) the upstream refused
+        self.model = LatencyModel()  # warm latency, from the repeats seen so far
 
     async def run(self) -> None:
-        """Every shape in order; raises WarmupError if one fails or nothing was warmed."""
+        """Every shape in order until the budget is spent; raises WarmupError if one
+        fails or nothing was warmed. Shapes the budget leaves out end as "cold"."""
         warmed = False
         for index, shape in enumerate(self.plan.shapes):
+            if warmed and self._spent():
+                self._emit({"event": "shape", "index": index, "status": "cold", "error": None})
+                continue
             # Before any request: if the engine dies of this shape, the gate can name it.
             self._emit({"event": "start", "index": index, "body": plan.redacted_body(shape)})
             status, error = await self._shape(index, shape)
@@ -210,17 +240,39 @@ class Runner:
         if not warmed:
             raise WarmupError("nothing was warmed: the upstream refused every shape")
 
+    def _spent(self) -> bool:
+        return time.monotonic() >= self._deadline
+
     async def _shape(self, index: int, shape: plan.Shape) -> tuple[str, str | None]:
-        """Repeat the shape until it converges: (status, error)."""
+        """Run the shape once; repeat it until it converges unless that first run was
+        already as fast as the warm-latency model predicts: (status, error)."""
         if (shape.model, shape.feature) in self._refused:
             return "skipped", f"feature {shape.feature} refused earlier"
         convergence = self.plan.convergence()
+        batch = plan.batch_of(shape)
         try:
             while True:
                 ms, each_s = await self._batch(shape)
-                self._emit({"event": "run", "index": index, "ms": ms, "requests_s": each_s})
+                first = not convergence.runs
+                predicted = self.model.predict(batch) if first else None
+                self._emit(
+                    {
+                        "event": "run",
+                        "index": index,
+                        "ms": ms,
+                        "requests_s": each_s,
+                        "predicted_ms": predicted,
+                    }
+                )
+                if not first:
+                    self.model.observe(batch, ms)  # a repeat: the first run paid the cold costs
+                tolerance = 2 * self.plan.converge
+                if first and is_warm(ms, predicted, tolerance, VERIFY_SLACK_MS):
+                    return "verified", None
                 if convergence.record(ms):
                     break
+                if self._spent():
+                    return "unverified", None
         except _Unsupported as exc:
             self._refused.add((shape.model, shape.feature))
             self._emit(
@@ -240,8 +292,8 @@ class Runner:
         """`concurrency` requests of one shape at once, each with a fresh prompt: the wall
         ms of the batch, and each request's own seconds."""
         bodies = [
-            plan.body_for(shape, self.prompts.for_shape(shape, self.plan.tokens_per_word))
-            for _ in range(shape.concurrency)
+            plan.body_for(shape, self.prompts.for_shape(shape, self.plan.tokens_per_word), i)
+            for i in range(shape.concurrency)
         ]
         began = time.perf_counter()
         each = await asyncio.gather(*(self._one(shape, body) for body in bodies))
@@ -300,6 +352,8 @@ class Progress:
         elif kind == "run":
             result = self.results[event["index"]]
             result.runs_ms.append(event["ms"])
+            if event.get("predicted_ms") is not None:
+                result.predicted_ms = event["predicted_ms"]
             if self._observe is not None:
                 for seconds in event["requests_s"]:
                     self._observe(result.key.feature, result.key.endpoint, seconds)
@@ -313,7 +367,8 @@ class Progress:
         elif kind == "shape":
             result = self.results[event["index"]]
             result.status, result.error = event["status"], event["error"]
-            self._log_shape(result, event["index"])
+            if result.status != "cold":  # the budget left it out: one line for all at the end
+                self._log_shape(result, event["index"])
 
     def in_flight(self) -> list[ShapeResult]:
         """The shapes started and not warmed: the one running, or one that just failed."""
@@ -321,6 +376,10 @@ class Progress:
 
     def warmed(self) -> list[ShapeResult]:
         return [r for r in self.results if r.status in WARMED]
+
+    def cold(self) -> list[ShapeResult]:
+        """The shapes the warm-up budget left out."""
+        return [r for r in self.results if r.status == "cold"]
 
     def _plan(self, event: dict[str, Any]) -> None:
         self.models = list(event["models"])

@@ -19,10 +19,6 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 
 from wgutil import Running, free_port, http_get, wait_for
 
-# The vLLM CPU build (0.32) kills its engine when a seeded request's prefill is chunked
-# ("CPU Generator does not use offset"), so its warm-up leaves the seed feature out.
-CPU_FEATURES = "greedy,sampling,penalties,n,logprobs,prompt_logprobs,json"
-
 
 def vllm_command() -> list[str]:
     command = os.environ.get("WARMGATE_VLLM_CMD")
@@ -56,13 +52,10 @@ def served() -> Iterator[Served]:
             "127.0.0.1",
             "--port",
             "0",
-            "--features",
-            CPU_FEATURES,
-            # The CPU build computes 2,048 prompt tokens a step; 16k is eight steps, as
-            # scripts/report --real warms it. The default (131,072) plans 64 x 1,800-token
-            # batches that took 9 of this fixture's 11 minutes on 2026-12-03.
-            "--max-inflight-tokens",
-            "16384",
+            # The default plan, seed included. The vLLM CPU build (0.32) kills its engine
+            # when a seeded request's prefill is chunked ("CPU Generator does not use
+            # offset"); the plan never puts more than one step budget (read from vLLM's
+            # start-up line) in flight, so none is.
             "--drain-min",
             "2",
             "--",

@@ -1,6 +1,8 @@
-"""The startup timeline chart of `warmgate bench`: one bar per strategy, read left to right.
+"""The charts of `warmgate bench`. The startup timeline: one bar per strategy, read left to right.
 
     spawn ── loading ──▶ healthy ── warm-up ──▶ Ready ── first request ──▶ first good response
+
+The budget chart (`--budgets`): warmth against warm-up seconds, one point per start.
 
 matplotlib is an optional extra (`pip install 'warmgate[chart]'`): without it the report
 is written without the chart and says so.
@@ -8,9 +10,10 @@ is written without the chart and says so.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from warmgate.bench.budget import Point, over_sim
 from warmgate.bench.core import Outcome
 
 # (label, colour) of each segment; colours stay apart for colour-blind readers.
@@ -76,3 +79,115 @@ def timeline(outcomes: Sequence[Outcome], path: Path, title: str) -> bool:
     fig.savefig(path)
     plt.close(fig)
     return True
+
+
+# The budget chart's markers and colours: budgets joined by a line, the rest points apart.
+_POINT_STYLE = {
+    "budget": ("o", "#0072b2"),
+    "pairwise": ("s", "#d55e00"),
+    "plan": ("^", "#009e73"),
+}
+
+
+def budget_chart(
+    points: Sequence[Point], baselines: Sequence[Outcome], path: Path, title: str
+) -> bool:
+    """Warmth against warm-up time (`warmgate bench --budgets`): x the measured warm-up,
+    y the held-out max first/warm, and over the simulator a second panel of the kernels
+    it compiled after Ready. Baselines are dashed lines. False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    groups = point_groups(points)
+    sim = any(over_sim(o) for o, _, _ in groups) or any(over_sim(o) for o in baselines)
+    panels: list[tuple[str, Callable[[Outcome], float | None]]] = [
+        ("held-out max first/warm", lambda o: o.max_ratio)
+    ]
+    if sim:
+        panels.append(("kernels compiled after Ready (sim)", lambda o: o.compiled_after_ready))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.6), dpi=120)
+    for ax, (ylabel, value) in zip(list(axes) if len(panels) > 1 else [axes], panels, strict=True):
+        line = sorted(
+            ((o.warmup_s, y) for o, _, kind in groups if kind == "budget"
+             if o.warmup_s is not None and (y := value(o)) is not None),
+        )  # fmt: skip
+        if line:
+            ax.plot(*zip(*line, strict=True), color=_POINT_STYLE["budget"][1], lw=1, zorder=1)
+        placed = sorted(
+            (x, y, labels, kind) for o, labels, kind in groups
+            if (x := o.warmup_s) is not None and (y := value(o)) is not None
+        )  # fmt: skip
+        budgets_seen = 0
+        for x, y, labels, kind in placed:
+            marker, colour = _POINT_STYLE.get(kind, _POINT_STYLE["budget"])
+            ax.scatter([x], [y], marker=marker, color=colour, s=36, zorder=2)
+            right = kind != "budget" or budgets_seen % 2 == 0  # budgets' labels: right, left, ...
+            budgets_seen += kind == "budget"
+            ax.annotate(
+                " / ".join(labels), (x, y), xytext=(5 if right else -5, 5),
+                textcoords="offset points", fontsize=8, ha="left" if right else "right",
+            )  # fmt: skip
+        for y, names in reference_lines(baselines, value).items():
+            ax.axhline(y, color="#9e9e9e", ls="--", lw=1, zorder=0)
+            ax.annotate(
+                f"{' / '.join(names)} {y:.3g}", (1.0, y), xycoords=("axes fraction", "data"),
+                xytext=(-4, 3), textcoords="offset points", ha="right", fontsize=8,
+                color="#616161",
+            )  # fmt: skip
+        floor = _noise_floor(groups)
+        if ylabel.startswith("held-out") and floor is not None:
+            ax.axhline(floor[0], color="#9e9e9e", ls=":", lw=1, zorder=0)
+            ax.annotate(
+                f"noise floor {floor[0]:.3g} ({floor[1]})", (0.0, floor[0]),
+                xycoords=("axes fraction", "data"), xytext=(4, -10),
+                textcoords="offset points", fontsize=8, color="#616161",
+            )  # fmt: skip
+        ax.set_xlabel("warm-up s (healthy → Ready, measured)")
+        ax.set_ylabel(ylabel)
+        ax.set_xlim(left=0)
+        ys = [y for o in [*(o for o, _, _ in groups), *baselines] if (y := value(o)) is not None]
+        if ys:  # room for the labels above the highest line; ratios from just under 1
+            low = 0.0 if not ylabel.startswith("held-out") else min(1.0, *ys)
+            span = max(max(ys) - low, 0.1)
+            ax.set_ylim(max(0.0, low - 0.08 * span), max(ys) + 0.12 * span)
+        ax.margins(x=0.12)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def reference_lines(
+    baselines: Sequence[Outcome], value: Callable[[Outcome], float | None]
+) -> dict[float, list[str]]:
+    """The baselines' lines, one per value: baselines that agree share a line and a label."""
+    lines: dict[float, list[str]] = {}
+    for baseline in baselines:
+        y = value(baseline)
+        if y is not None:
+            lines.setdefault(float(f"{y:.3g}"), []).append(baseline.strategy)
+    return lines
+
+
+def _noise_floor(groups: Sequence[tuple[Outcome, list[str], str]]) -> tuple[float, str] | None:
+    """The noise floor of the budget start with the longest warm-up, and its label: a start
+    that left shapes cold still compiles in its warm runs, which is no measurement noise."""
+    budgets = [
+        (o.warmup_s, floor, labels[0]) for o, labels, kind in groups
+        if kind == "budget" and o.warmup_s is not None and (floor := o.noise_floor) is not None
+    ]  # fmt: skip
+    return max(budgets)[1:] if budgets else None
+
+
+def point_groups(points: Sequence[Point]) -> list[tuple[Outcome, list[str], str]]:
+    """The points by start: (outcome, its labels, kind), a start several budgets reuse once."""
+    groups: dict[int, tuple[Outcome, list[str], str]] = {}
+    for p in points:
+        groups.setdefault(id(p.outcome), (p.outcome, [], p.kind))[1].append(p.label)
+    return list(groups.values())

@@ -8,7 +8,15 @@ Strategies, each on a fresh upstream process with a fresh compile cache:
   warmup.sh  /health, then the reference documents' three chat requests of
              100/500/1000 words, max_tokens 50, errors thrown away as the script does
   warmgate   `warmgate run -- <upstream>`, Ready when warmgate's /ready says 200
+  warmgate-pairwise
+             as warmgate, with the thorough sweep (`--coverage pairwise`) and no budget
+             but `--warmup-timeout`: the warm-up warmgate had before `--coverage engine`
   plan       as warmgate, with a user plan (--plan)
+
+Every strategy's warm-up is the time from healthy to Ready: the seconds it spends after the
+engine could have served (0 for none and health). Under warmgate, its /status at Ready
+says which coverage and budget it ran and how each shape ended (`cold`: the budget left it
+out). `budget` runs the warmgate strategy with `--warmup-budget B` (see `sweep`).
 
 The first/warm ratio of each held-out request is its first latency over the median of
 `warm_runs` later runs with fresh text (fresh, so the prefix cache cannot flatter them).
@@ -42,8 +50,10 @@ import httpx
 
 from warmgate.bench import HELDOUT_CONTEXT, HeldoutRequest, load_heldout
 from warmgate.childlog import JIT_MARKER
+from warmgate.options import option
 
-STRATEGIES = ("none", "health", "warmup.sh", "warmgate", "plan")
+STRATEGIES = ("none", "health", "warmup.sh", "warmgate", "warmgate-pairwise", "plan")
+UNDER_WARMGATE = ("warmgate", "warmgate-pairwise", "plan")
 
 RETRY_S = 0.5  # how often a client of the `none` strategy retries a refused request
 # Words for held-out prompts: deliberately not the warm-up plan's vocabulary.
@@ -243,6 +253,35 @@ class Outcome:
     error: str | None = None
     runs: list[Outcome] = field(default_factory=list)  # the starts `combine` made this of
     warm_runs: int = 0  # per held-out request and start
+    budget: str | None = None  # the --warmup-budget this start was given (`sweep`), if any
+    # From warmgate's /status at Ready (strategies under warmgate): its coverage, the budget
+    # it resolved, how many shapes ended in each status, and those the budget left cold.
+    coverage: str | None = None
+    budget_s: float | None = None
+    shape_status: dict[str, int] = field(default_factory=dict)
+    cold_shapes: list[str] = field(default_factory=list)
+
+    @property
+    def warmup_s(self) -> float | None:
+        """Healthy to Ready: what the strategy waits after the engine could serve (0 for a
+        strategy Ready at or before healthy); the median over the starts of a combined row."""
+        if self.runs:
+            return _median(r.warmup_s for r in self.runs)
+        if self.spawn_to_ready_s is None or self.spawn_to_healthy_s is None:
+            return None
+        return max(0.0, self.spawn_to_ready_s - self.spawn_to_healthy_s)
+
+    @property
+    def warmup_per_healthy(self) -> float | None:
+        """The warm-up over the engine's own start (spawn to healthy)."""
+        warmup, healthy = self.warmup_s, self.spawn_to_healthy_s
+        return warmup / healthy if warmup is not None and healthy else None
+
+    @property
+    def budget_bound(self) -> bool:
+        """True when the budget cut the warm-up short: shapes left cold, or repeats ended
+        before a shape converged. A larger budget then warms more."""
+        return bool(self.cold_shapes) or self.shape_status.get("unverified", 0) > 0
 
     @property
     def max_ratio(self) -> float | None:
@@ -288,6 +327,11 @@ def combine(runs: Sequence[Outcome]) -> Outcome:
         error=next((r.error for r in runs if r.error), None),
         runs=list(runs),
         warm_runs=first.warm_runs,
+        budget=first.budget,
+        coverage=first.coverage,
+        budget_s=_median(r.budget_s for r in runs),
+        shape_status=first.shape_status,
+        cold_shapes=sorted({s for r in runs for s in r.cold_shapes}),
     )
     for i, request in enumerate(first.requests):
         same = [r.requests[i] for r in runs if i < len(r.requests)]
@@ -328,14 +372,15 @@ async def run_strategy(
     log_dir: Path | None = None,
     pin_output: bool,
     log_name: str | None = None,
+    budget: str | None = None,
 ) -> Outcome:
-    """One fresh upstream under one strategy: time to Ready, then the held-out mix."""
-    outcome = Outcome(strategy, warm_runs=warm_runs)
-    extra = [*warmgate_args, *(["--plan", str(plan)] if strategy == "plan" and plan else [])]
+    """One fresh upstream under one strategy: time to Ready, then the held-out mix.
+    `budget`: the warmgate strategy's --warmup-budget (over any in `warmgate_args`)."""
+    outcome = Outcome(strategy, warm_runs=warm_runs, budget=budget)
     with started(
         recipe,
-        under_warmgate=strategy in ("warmgate", "plan"),
-        warmgate_args=extra,
+        under_warmgate=strategy in UNDER_WARMGATE,
+        warmgate_args=strategy_args(strategy, warmgate_args, plan, budget),
         log_path=log_dir / (log_name or f"{strategy}.log") if log_dir else None,
         stop=TERMINATE,
     ) as server:
@@ -355,8 +400,10 @@ async def run_strategy(
                     if strategy == "warmup.sh":
                         await _warmup_sh(client, base, (await _model(client, base))[0])
                     elif server.probe_port is not None:
-                        ready = f"http://127.0.0.1:{server.probe_port}/ready"
-                        await _until_ok(client, ready, proc, ready_timeout)
+                        probe = f"http://127.0.0.1:{server.probe_port}"
+                        await _until_ok(client, f"{probe}/ready", proc, ready_timeout)
+                        with contextlib.suppress(httpx.HTTPError, ValueError):
+                            _read_warmup(outcome, (await client.get(f"{probe}/status")).json())
                     outcome.spawn_to_ready_s = (
                         outcome.spawn_to_healthy_s
                         if strategy == "health"
@@ -370,6 +417,35 @@ async def run_strategy(
         except (RuntimeError, httpx.HTTPError, TimeoutError) as exc:
             outcome.error = str(exc) or type(exc).__name__
     return outcome
+
+
+def strategy_args(
+    strategy: str, warmgate_args: Sequence[str], plan: Path | None, budget: str | None
+) -> list[str]:
+    """`warmgate run`'s options for `strategy`. The pairwise strategy's go first, so that
+    `warmgate_args` can change them; a sweep's budget goes last, over theirs."""
+    args = list(warmgate_args)
+    if strategy == "warmgate-pairwise":
+        # The old sweep had no budget: the warm-up timeout is the most a budget can be.
+        timeout = option("run", "warmup_timeout").default
+        args = ["--coverage", "pairwise", "--warmup-budget", f"{timeout:g}", *args]
+    if strategy == "plan" and plan is not None:
+        args += ["--plan", str(plan)]
+    if budget is not None:
+        args += ["--warmup-budget", budget]
+    return args
+
+
+def _read_warmup(outcome: Outcome, status: dict[str, Any]) -> None:
+    """What warmgate's /status says of its warm-up, into `outcome`."""
+    warmup = status.get("warmup") or {}
+    outcome.coverage = warmup.get("coverage")
+    outcome.budget_s = warmup.get("budget_s")
+    outcome.cold_shapes = list(warmup.get("cold") or [])
+    counts: dict[str, int] = {}
+    for shape in status.get("shapes") or []:
+        counts[str(shape.get("status"))] = counts.get(str(shape.get("status")), 0) + 1
+    outcome.shape_status = counts
 
 
 def _count_jit(log_path: Path) -> int:
@@ -638,28 +714,29 @@ def stop_session(proc: subprocess.Popen[bytes], how: Stop = TERMINATE) -> None:
 def report(outcomes: Sequence[Outcome]) -> str:
     """Markdown: one summary row per strategy, then first/warm per held-out request."""
     lines = [
-        "| strategy | starts | warm runs | spawn→healthy s | spawn→Ready s | warm-up s | spawn→first good "
-        "response s | refused before it | max first/warm | noise floor | worst request | "
-        "JIT lines after Ready | kernels compiled after Ready (sim) | GPU memory MiB | error |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
+        "| strategy | starts | warm runs | spawn→healthy s | spawn→Ready s | warm-up s | "
+        "warm-up / healthy | warm-up shapes | spawn→first good response s | refused before it | "
+        "max first/warm | noise floor | worst request | JIT lines after Ready | "
+        "kernels compiled after Ready (sim) | GPU memory MiB | error |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---|",
     ]
     for o in outcomes:
-        warmup = (
-            o.spawn_to_ready_s - o.spawn_to_healthy_s
-            if o.spawn_to_ready_s is not None
-            and o.spawn_to_healthy_s is not None
-            and o.strategy != "none"
-            else None
-        )
         gpu = o.gpu_memory_bytes / 2**20 if o.gpu_memory_bytes is not None else None
         lines.append(
             f"| {o.strategy} | {max(1, len(o.runs))} | {o.warm_runs} | {_fmt(o.spawn_to_healthy_s)} | "
-            f"{_fmt(o.spawn_to_ready_s)} | "
-            f"{_fmt(warmup)} | {_fmt(o.first_good_s)} | {o.refused_before_good} | "
+            f"{_fmt(o.spawn_to_ready_s)} | {_fmt(o.warmup_s)} | {_fmt(o.warmup_per_healthy, 2)} | "
+            f"{shapes_cell(o)} | {_fmt(o.first_good_s)} | {o.refused_before_good} | "
             f"{_fmt(o.max_ratio, 2)} | {_fmt(o.noise_floor, 2)} | {o.worst} | "
             f"{_fmt(o.jit_after_ready, 0)} | "
             f"{o.compiled_after_ready} | {_fmt(gpu, 0)} | {o.error or ''} |"
         )
+    lines += [
+        "",
+        "Warm-up: healthy to Ready, the seconds a strategy waits after the engine could serve",
+        "(0 when Ready at or before healthy); warm-up / healthy sets it against the engine's",
+        "own start. Warm-up shapes: warmgate's plan at Ready, by how each shape ended (cold:",
+        "its --warmup-budget left the shape out).",
+    ]
     if any(len(o.runs) > 1 for o in outcomes):
         lines += [
             "",
@@ -694,6 +771,15 @@ def report(outcomes: Sequence[Outcome]) -> str:
     return "\n".join(lines)
 
 
+def shapes_cell(o: Outcome) -> str:
+    """`34: 30 verified, 2 converged, 2 cold` for a warmgate start, `-` for the others."""
+    if not o.shape_status:
+        return "-"
+    total = sum(o.shape_status.values())
+    parts = ", ".join(f"{n} {status}" for status, n in sorted(o.shape_status.items()))
+    return f"{total}: {parts}"
+
+
 def _cell(m: Measured | None) -> str:
     if m is None:
         return "-"
@@ -713,8 +799,12 @@ def as_json(outcomes: Sequence[Outcome]) -> list[dict[str, Any]]:
     return [
         {
             **{k: v for k, v in dataclasses.asdict(o).items() if k not in ("requests", "runs")},
+            "warmup_s": o.warmup_s,
+            "warmup_per_healthy": o.warmup_per_healthy,
+            "budget_bound": o.budget_bound,
             "max_ratio": o.max_ratio,
             "noise_floor": o.noise_floor,
+            "compiled_after_ready": o.compiled_after_ready,
             "runs": as_json(o.runs),
             "requests": [
                 {

@@ -47,8 +47,30 @@ def sim_command(
     ] = None,
     profile: Annotated[str, _opt("PROFILE", "Built-in cost profile: cpu or h100.")] = "cpu",
     max_num_seqs: Annotated[
-        int, _opt("MAX_NUM_SEQS", "Sequences per batch; more requests wait.")
-    ] = 256,
+        int | None,
+        _opt(
+            "MAX_NUM_SEQS",
+            "Sequences per batch; more requests wait. Default: vLLM's for the profile "
+            "(cpu 128, h100 1024).",
+        ),
+    ] = None,
+    max_num_batched_tokens: Annotated[
+        int | None,
+        _opt(
+            "MAX_NUM_BATCHED_TOKENS",
+            "Token budget of one engine step: a decoding sequence takes 1, a prefill its "
+            "chunk. Default: vLLM's for the profile (cpu 2048, h100 8192).",
+        ),
+    ] = None,
+    enable_chunked_prefill: Annotated[
+        bool,
+        typer.Option(
+            "--enable-chunked-prefill/--no-enable-chunked-prefill",
+            envvar="WARMGATE_SIM_ENABLE_CHUNKED_PREFILL",
+            help="Split prompts longer than the step's budget left over several steps; "
+            "without it a prompt waits until it fits whole.",
+        ),
+    ] = True,
     on_sigterm: Annotated[
         OnSigterm,
         _opt(
@@ -117,10 +139,19 @@ def sim_command(
     # Imported here, not at the top: `warmgate run` loads this module to build its
     # CLI and must exec its child before anything heavy is imported.
     from warmgate import log as wglog
-    from warmgate.sim.settings import SettingsError, SimSettings, load_costs, parse_flap
+    from warmgate.sim.settings import (
+        SettingsError,
+        SimSettings,
+        load_costs,
+        parse_flap,
+        scheduler_limits,
+    )
 
     wglog.configure(log_level)
     try:
+        seqs, budget = scheduler_limits(
+            profile, max_model_len, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill
+        )
         settings = SimSettings(
             host=host,
             port=port,
@@ -131,7 +162,10 @@ def sim_command(
             listen_early=listen_early,
             time_scale=time_scale,
             costs=load_costs(costs, profile),
-            max_num_seqs=max_num_seqs,
+            profile=profile,
+            max_num_seqs=seqs,
+            max_num_batched_tokens=budget,
+            enable_chunked_prefill=enable_chunked_prefill,
             on_sigterm=on_sigterm.value,
             crash_after=crash_after,
             crash_code=crash_code,

@@ -171,7 +171,8 @@ def bucket(count: int) -> int:
 
 
 def request_keys(features: Features, prefill_tokens: int) -> list[str]:
-    """Keys a request needs when it is prefilled; `prefill_tokens` are those computed."""
+    """Keys a request needs for one prefill chunk; `prefill_tokens` are those it computes
+    (at most the step's token budget, so a longer prompt adds no larger prefill shape)."""
     prefill = f"prefill:{bucket(max(prefill_tokens, BLOCK_TOKENS))}"
     size = prefill.partition(":")[2]
     keys = [prefill, f"sampling:{features.sampling}"]

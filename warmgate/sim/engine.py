@@ -1,9 +1,13 @@
-"""The batching engine: a step loop on asyncio, like vLLM's scheduler in miniature.
+"""The batching engine: a step loop on asyncio, like vLLM V1's scheduler in miniature.
 
-Each step admits waiting requests (prefill), then every running sequence samples one
-token; the step's simulated cost comes from `costs` and is slept, scaled by
-`time_scale`. Requests know their whole output up front (`generate`); the engine
-decides only when each token comes out and what the request paid for it.
+Each step has a token budget (`max_num_batched_tokens`). Running requests come first, in
+order: a decoding sequence takes one token, an unfinished prefill its next chunk (the rest
+of its prompt, or what the budget has left). Waiting requests are then admitted into what
+is left, each with a chunk of its uncached prompt; without chunked prefill only when the
+whole of it fits. A request samples in the step that completes its prefill and in every
+step after. The step's simulated cost comes from `costs` and is slept, scaled by
+`time_scale`. Requests know their whole output up front (`generate`); the engine decides
+only when each token comes out and what the request paid for it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from dataclasses import dataclass, field
 from warmgate.sim import costs
 from warmgate.sim.costs import CostTable, Features, KernelCache, PrefixCache, Work
 from warmgate.sim.generate import SeqPlan
+from warmgate.sim.settings import SCHEDULER_DEFAULTS
+
+_DEFAULTS = SCHEDULER_DEFAULTS["cpu"]
 
 
 @dataclass(slots=True)
@@ -46,6 +53,7 @@ class EngineRequest:
     first_token_ms: float | None = None
     finish_ms: float | None = None
     cached_tokens: int = 0
+    computed_tokens: int = 0  # prompt tokens cached or computed so far: prefill progress
     compiled: list[str] = field(default_factory=list)
     compile_ms: float = 0.0
     batch_max: int = 0
@@ -58,15 +66,30 @@ class EngineRequest:
         return sum(1 for s in self.seqs if s.finish_reason is None)
 
     @property
+    def prefill_left(self) -> int:
+        return len(self.prompt_ids) - self.computed_tokens
+
+    @property
     def cost_ms(self) -> float:
         """Simulated time from arrival to finish (0 until finished)."""
         return 0.0 if self.finish_ms is None else self.finish_ms - self.arrival_ms
 
 
 @dataclass(frozen=True, slots=True)
+class _Slot:
+    """One request's part of one step."""
+
+    request: EngineRequest
+    tokens: int  # of the step's budget: the prefill chunk, or one per decoding sequence
+    prefill: int = 0  # prompt tokens computed
+    cached: int = 0  # prompt tokens found in the prefix cache (on admission only)
+    samples: bool = True  # its prefill is complete by the end of the step
+
+
+@dataclass(frozen=True, slots=True)
 class _Step:
     ms: float
-    batch: list[EngineRequest]
+    slots: list[_Slot]
 
 
 @dataclass(slots=True)
@@ -78,10 +101,12 @@ class EngineStats:
     generation_tokens: int = 0
     prefix_queries: int = 0
     prefix_hits: int = 0
+    steps: int = 0  # every engine step, those that only compute a prefill chunk too
 
 
 CompileHook = Callable[[str, float], None]
 FinishHook = Callable[[EngineRequest, str], None]
+IterationHook = Callable[[int], None]
 
 
 class Engine:
@@ -90,15 +115,21 @@ class Engine:
         table: CostTable,
         *,
         time_scale: float = 1.0,
-        max_num_seqs: int = 256,
+        max_num_seqs: int = _DEFAULTS.max_num_seqs,
+        max_num_batched_tokens: int = _DEFAULTS.max_num_batched_tokens,
+        enable_chunked_prefill: bool = True,
         on_compile: CompileHook | None = None,
         on_finish: FinishHook | None = None,
+        on_iteration: IterationHook | None = None,
     ) -> None:
         self._table = table
         self._time_scale = time_scale
         self._max_num_seqs = max_num_seqs
+        self._budget = max_num_batched_tokens
+        self._chunked = enable_chunked_prefill
         self._on_compile = on_compile
         self._on_finish = on_finish
+        self._on_iteration = on_iteration
         self._kernels = KernelCache()
         self._prefix = PrefixCache(table.prefix_cache_blocks)
         self._waiting: deque[EngineRequest] = deque()
@@ -166,49 +197,82 @@ class Engine:
     # -- one step ---------------------------------------------------------------------
 
     def _schedule(self) -> _Step:
-        admitted = self._admit()
-        works: list[Work] = []
-        step_compile = 0.0
+        budget = self._budget
+        slots: list[_Slot] = []
         for request in self._running:
-            prefill = cached = 0
-            if request in admitted:
-                prefill, cached = self._prefill(request)
-                keys = costs.request_keys(request.features, prefill)
-                step_compile += self._compile(request, keys)
-            works.append(_work(request, prefill, cached))
-        step_compile += self._compile_step_keys()
-        return _Step(costs.step_ms(self._table, works) + step_compile, list(self._running))
+            if budget <= 0:
+                break
+            slot = self._continue(request, budget, alone=not slots)
+            if slot is not None:
+                slots.append(slot)
+                budget -= slot.tokens
+        slots += self._admit(budget, alone=not slots)
+        step_compile = sum(self._compile_chunk(s) for s in slots if s.prefill)
+        step_compile += self._compile_step_keys([s.request for s in slots if s.samples])
+        works = [_work(s) for s in slots]
+        return _Step(costs.step_ms(self._table, works) + step_compile, slots)
 
-    def _admit(self) -> list[EngineRequest]:
+    def _continue(self, request: EngineRequest, budget: int, alone: bool) -> _Slot | None:
+        """A running request's part of the step: its next prefill chunk, or a decode."""
+        if request.prefill_left > 0:
+            return self._chunk(request, min(request.prefill_left, budget))
+        seqs = request.active_seqs
+        # A request's n sequences decode together; one wider than the budget goes alone.
+        if seqs > budget and not alone:
+            return None
+        return _Slot(request, seqs)
+
+    def _admit(self, budget: int, alone: bool) -> list[_Slot]:
         seqs = sum(r.active_seqs for r in self._running)
-        admitted: list[EngineRequest] = []
-        while self._waiting:
+        slots: list[_Slot] = []
+        while self._waiting and budget > 0:
             candidate = self._waiting[0]
             # An oversized request still runs alone rather than waiting forever.
             if seqs + candidate.active_seqs > self._max_num_seqs and self._running:
                 break
+            cached = self._cached(candidate)
+            uncached = len(candidate.prompt_ids) - cached
+            # Without chunked prefill the whole uncached prompt must fit (vLLM: break,
+            # not skip, so later requests wait too); one wider than a step goes alone.
+            if not self._chunked and uncached > budget and not (alone and not slots):
+                break
             self._waiting.popleft()
             self._running.append(candidate)
-            admitted.append(candidate)
             seqs += candidate.active_seqs
-        return admitted
+            candidate.cached_tokens = candidate.computed_tokens = cached
+            self.stats.prefix_queries += len(candidate.prompt_ids)
+            self.stats.prefix_hits += cached
+            chunk = uncached if not self._chunked else min(uncached, budget)
+            slot = self._chunk(candidate, chunk, cached)
+            slots.append(slot)
+            budget -= slot.tokens
+        return slots
 
-    def _prefill(self, request: EngineRequest) -> tuple[int, int]:
-        prompt = request.prompt_ids
+    def _cached(self, request: EngineRequest) -> int:
         # Prompt logprobs need every prompt position computed, so they skip the cache.
-        cached = 0 if request.features.prompt_logprobs else self._prefix.cached_tokens(prompt)
-        self._prefix.insert(prompt)
-        request.cached_tokens = cached
-        self.stats.prefix_queries += len(prompt)
-        self.stats.prefix_hits += cached
-        self.stats.prompt_tokens += len(prompt)
-        return len(prompt) - cached, cached
+        if request.features.prompt_logprobs:
+            return 0
+        return self._prefix.cached_tokens(request.prompt_ids)
 
-    def _compile_step_keys(self) -> float:
-        batch = sum(r.active_seqs for r in self._running)
-        for request in self._running:
+    def _chunk(self, request: EngineRequest, tokens: int, cached: int = 0) -> _Slot:
+        request.computed_tokens += tokens
+        # vLLM caches a prompt's full blocks as it schedules them, chunk by chunk.
+        self._prefix.insert(request.prompt_ids[: request.computed_tokens])
+        return _Slot(request, tokens, tokens, cached, samples=request.prefill_left == 0)
+
+    def _compile_chunk(self, slot: _Slot) -> float:
+        # Each chunk is its own prefill shape: a prompt longer than the budget needs no
+        # key larger than the budget's bucket.
+        return self._compile(slot.request, costs.request_keys(slot.request.features, slot.prefill))
+
+    def _compile_step_keys(self, samplers: list[EngineRequest]) -> float:
+        """Batch-wide keys of the sequences that sample in this step (none: no keys)."""
+        batch = sum(r.active_seqs for r in samplers)
+        if batch == 0:
+            return 0.0
+        for request in samplers:
             request.batch_max = max(request.batch_max, batch)
-        paths = [r.features.sampling for r in self._running]
+        paths = [r.features.sampling for r in samplers]
         ms = 0.0
         for key in costs.step_keys(batch, paths):
             # A batch-wide key is paid by the newest request that needs it: its arrival
@@ -216,7 +280,7 @@ class Engine:
             path = key.partition(":")[2].partition("@")[0]
             payer = next(
                 r
-                for r in reversed(self._running)
+                for r in reversed(samplers)
                 if key.startswith("decode:") or r.features.sampling == path
             )
             ms += self._compile(payer, [key])
@@ -235,27 +299,44 @@ class Engine:
 
     def _complete(self, step: _Step) -> None:
         self.clock_ms += step.ms
-        for request in step.batch:
-            if request.done:
-                continue  # aborted or cancelled while the step ran
-            emitted: list[tuple[int, int]] = []
-            finished: list[tuple[int, str]] = []
-            for index, seq in enumerate(request.seqs):
-                if seq.finish_reason is not None:
-                    continue
-                emitted.append((index, seq.emitted))
-                seq.emitted += 1
-                if seq.emitted >= len(seq.plan.token_ids):
-                    seq.finish_reason = seq.plan.finish_reason
-                    finished.append((index, seq.finish_reason))
-            self.stats.generation_tokens += len(emitted)
+        self.stats.steps += 1
+        iteration_tokens = 0
+        outputs = False
+        for slot in step.slots:
+            request = slot.request
+            if request.done or not slot.samples:
+                continue  # aborted while the step ran, or its prefill is not done yet
             if request.first_token_ms is None:
                 request.first_token_ms = self.clock_ms
-            done = request.active_seqs == 0
-            if done:
-                self._running.remove(request)
-                self._finish(request, _overall_reason(request))
-            request.sink.put_nowait(Update(request.job, tuple(emitted), tuple(finished), done))
+                # vLLM counts a prompt once, when its first token comes out.
+                self.stats.prompt_tokens += len(request.prompt_ids)
+                iteration_tokens += len(request.prompt_ids) - request.cached_tokens
+            update = self._sample(request)
+            iteration_tokens += len(update.emitted)
+            outputs = True
+            request.sink.put_nowait(update)
+        # vLLM observes vllm:iteration_tokens_total once per step that has outputs: a step
+        # that only computes a prefill chunk is not seen.
+        if outputs and self._on_iteration is not None:
+            self._on_iteration(iteration_tokens)
+
+    def _sample(self, request: EngineRequest) -> Update:
+        emitted: list[tuple[int, int]] = []
+        finished: list[tuple[int, str]] = []
+        for index, seq in enumerate(request.seqs):
+            if seq.finish_reason is not None:
+                continue
+            emitted.append((index, seq.emitted))
+            seq.emitted += 1
+            if seq.emitted >= len(seq.plan.token_ids):
+                seq.finish_reason = seq.plan.finish_reason
+                finished.append((index, seq.finish_reason))
+        self.stats.generation_tokens += len(emitted)
+        done = request.active_seqs == 0
+        if done:
+            self._running.remove(request)
+            self._finish(request, _overall_reason(request))
+        return Update(request.job, tuple(emitted), tuple(finished), done)
 
     def _finish(self, request: EngineRequest, reason: str) -> None:
         request.done = True
@@ -265,14 +346,14 @@ class Engine:
             self._on_finish(request, reason)
 
 
-def _work(request: EngineRequest, prefill: int, cached: int) -> Work:
-    f = request.features
+def _work(slot: _Slot) -> Work:
+    f = slot.request.features
     return Work(
-        prefill_tokens=prefill,
-        cached_tokens=cached,
-        seqs=request.active_seqs,
+        prefill_tokens=slot.prefill,
+        cached_tokens=slot.cached,
+        seqs=slot.request.active_seqs if slot.samples else 0,
         logprobs=f.logprobs,
-        prompt_logprobs=f.prompt_logprobs and prefill > 0,
+        prompt_logprobs=f.prompt_logprobs and slot.prefill > 0,
         structured=f.grammar is not None,
         penalties=f.penalties,
     )

@@ -9,6 +9,8 @@ from warmgate.sim.engine import Engine
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# vllm/v1/metrics/buckets.py ITERATION_TOKENS_BUCKETS (0.32.0)
+_ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
 class SimMetrics:
@@ -62,6 +64,19 @@ class SimMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=reg,
         ).labels(**labels)
+        self._iteration_tokens = Histogram(
+            "vllm:iteration_tokens_total",
+            "Histogram of number of tokens per engine_step.",
+            names,
+            buckets=_ITERATION_TOKENS_BUCKETS,
+            registry=reg,
+        ).labels(**labels)
+        self._steps = Counter(
+            "warmgate_sim:engine_steps",
+            "Engine steps, those that only compute a prefill chunk too.",
+            names,
+            registry=reg,
+        ).labels(**labels)
         self._compilations = Counter(
             "warmgate_sim:jit_compilations", "Kernel keys compiled lazily.", names, registry=reg
         ).labels(**labels)
@@ -70,11 +85,16 @@ class SimMetrics:
         ).labels(**labels)
         self._labels = labels
         self._engine = engine
-        self._synced = (0, 0, 0, 0)
+        self._synced = (0, 0, 0, 0, 0)
 
     def observe_compile(self, key: str, ms: float) -> None:
         self._compilations.inc()
         self._compile_seconds.inc(ms / 1000)
+
+    def observe_iteration(self, tokens: int) -> None:
+        """One engine step with outputs: its newly finished prompts' computed tokens plus
+        the tokens it generated, as vLLM's output processor counts them."""
+        self._iteration_tokens.observe(tokens)
 
     def observe_finish(self, reason: str, simulated_seconds: float) -> None:
         self._success.labels(**self._labels, finished_reason=reason).inc()
@@ -92,12 +112,14 @@ class SimMetrics:
             stats.generation_tokens,
             stats.prefix_queries,
             stats.prefix_hits,
+            stats.steps,
         )
         counters = (
             self._prompt_tokens,
             self._generation_tokens,
             self._prefix_queries,
             self._prefix_hits,
+            self._steps,
         )
         for counter, before, after in zip(counters, self._synced, now, strict=True):
             if after > before:

@@ -20,7 +20,7 @@ from typing import Any
 
 from warmgate import log as wglog
 from warmgate.httpserver import Request, Response, Server, start_server
-from warmgate.sim import api, compilecache, requestlog, responses
+from warmgate.sim import api, compilecache, configline, requestlog, responses
 from warmgate.sim.engine import Engine, EngineRequest, SeqState, Update
 from warmgate.sim.generate import plan_sequence
 from warmgate.sim.metrics import CONTENT_TYPE, SimMetrics
@@ -116,8 +116,11 @@ class Simulator:
             settings.costs,
             time_scale=settings.time_scale,
             max_num_seqs=settings.max_num_seqs,
+            max_num_batched_tokens=settings.max_num_batched_tokens,
+            enable_chunked_prefill=settings.enable_chunked_prefill,
             on_compile=self._on_compile,
             on_finish=self._on_finish,
+            on_iteration=self._on_iteration,
         )
         self._metrics = SimMetrics(settings.model, self._engine)
         self._server: Server | None = None
@@ -183,6 +186,9 @@ class Simulator:
 
     async def _load(self) -> bool:
         """Sleep through model loading and compilation; False when a signal ends it first."""
+        # vLLM's engine core prints its whole config before it loads the weights.
+        stamp = time.strftime("%m-%d %H:%M:%S")
+        self._vllm_log(configline.line(self._s, os.getpid(), stamp))
         if self._s.crash_during_load:
             if await self._wait_signal(self._s.load_seconds / 2):
                 return False
@@ -298,6 +304,9 @@ class Simulator:
     def _on_compile(self, key: str, ms: float) -> None:
         print(jit_line(key, ms), file=sys.stderr, flush=True)
         self._metrics.observe_compile(key, ms)
+
+    def _on_iteration(self, tokens: int) -> None:
+        self._metrics.observe_iteration(tokens)
 
     def _on_finish(self, request: EngineRequest, reason: str) -> None:
         self._metrics.observe_finish(reason, request.cost_ms / 1000)

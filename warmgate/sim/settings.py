@@ -7,6 +7,7 @@ import tomllib
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from warmgate.options import FEATURES
@@ -30,6 +31,23 @@ class SettingsError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class SchedulerDefaults:
+    """vLLM 0.32's step limits for an OpenAI API server when the flags are not given."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+
+
+# vllm/engine/arg_utils.py EngineArgs.get_batch_defaults (0.32.0): the CPU platform's
+# OPENAI_API_SERVER values (2048 tokens, 128 sequences per worker), and a >= 70 GiB
+# non-A100 GPU's (H100/H200: 8192 tokens, 1024 sequences).
+SCHEDULER_DEFAULTS = MappingProxyType(
+    {"cpu": SchedulerDefaults(128, 2048), "h100": SchedulerDefaults(1024, 8192)}
+)
+_CPU = SCHEDULER_DEFAULTS["cpu"]
+
+
+@dataclass(frozen=True, slots=True)
 class SimSettings:
     host: str = "0.0.0.0"
     port: int = 8000
@@ -40,7 +58,10 @@ class SimSettings:
     listen_early: bool = False
     time_scale: float = 1.0
     costs: CostTable = PROFILES["cpu"]
-    max_num_seqs: int = 256
+    profile: str = "cpu"  # also the hardware the engine-config line describes
+    max_num_seqs: int = _CPU.max_num_seqs
+    max_num_batched_tokens: int = _CPU.max_num_batched_tokens  # the step's token budget
+    enable_chunked_prefill: bool = True
     on_sigterm: str = "abort"
     crash_after: float | None = None
     crash_code: int = 1
@@ -62,6 +83,11 @@ class SimSettings:
         _check(self.compile_seconds >= 0, "--compile-seconds must be >= 0")
         _check(self.time_scale >= 0, "--time-scale must be >= 0 (0: do not sleep at all)")
         _check(self.max_num_seqs >= 1, "--max-num-seqs must be at least 1")
+        _check(
+            self.profile in SCHEDULER_DEFAULTS,
+            f"--profile {self.profile!r}: use one of {', '.join(SCHEDULER_DEFAULTS)}",
+        )
+        self._check_budget()
         _check(
             self.on_sigterm in SIGTERM_MODES,
             f"--on-sigterm {self.on_sigterm!r}: use one of {', '.join(SIGTERM_MODES)}",
@@ -90,6 +116,44 @@ class SimSettings:
             self.hang_health_after is None or self.hang_health_after >= 0,
             "--hang-health-after must be >= 0",
         )
+
+    def _check_budget(self) -> None:
+        """vLLM's SchedulerConfig.verify_max_model_len, as one line naming the flags."""
+        budget, seqs, context = self.max_num_batched_tokens, self.max_num_seqs, self.max_model_len
+        _check(budget >= 1, f"--max-num-batched-tokens {budget} must be at least 1")
+        _check(
+            budget >= context or self.enable_chunked_prefill,
+            f"--max-num-batched-tokens {budget} is smaller than --max-model-len {context} "
+            "with --no-enable-chunked-prefill, which makes vLLM reject longer prompts: "
+            "raise --max-num-batched-tokens, lower --max-model-len or enable chunked prefill",
+        )
+        _check(
+            budget >= seqs,
+            f"--max-num-batched-tokens {budget} must be at least --max-num-seqs {seqs} "
+            "(every running sequence takes one token of a step)",
+        )
+
+
+def scheduler_limits(
+    profile: str,
+    max_model_len: int,
+    max_num_seqs: int | None,
+    max_num_batched_tokens: int | None,
+    enable_chunked_prefill: bool,
+) -> tuple[int, int]:
+    """(max_num_seqs, max_num_batched_tokens) as vLLM fills in the ones not given
+    (EngineArgs._set_default_max_num_seqs_and_batched_tokens_args)."""
+    if profile not in SCHEDULER_DEFAULTS:
+        raise SettingsError(f"--profile {profile!r}: use one of {', '.join(SCHEDULER_DEFAULTS)}")
+    defaults = SCHEDULER_DEFAULTS[profile]
+    seqs = defaults.max_num_seqs if max_num_seqs is None else max_num_seqs
+    if max_num_batched_tokens is not None:
+        return seqs, max_num_batched_tokens
+    budget = defaults.max_num_batched_tokens
+    if not enable_chunked_prefill:
+        budget = max(budget, max_model_len)  # a whole prompt must fit in one step
+    # vLLM keeps a default budget within what max_num_seqs full contexts could use.
+    return seqs, min(budget, seqs * max_model_len)
 
 
 def _check(ok: bool, message: str) -> None:
