@@ -41,8 +41,11 @@ class WarmupSettings:
     warmup_budget: float | None = _DEFAULT["warmup_budget"]  # None: auto (budget_seconds)
     warmup_timeout: float = _DEFAULT["warmup_timeout"]
     request_timeout: float = _DEFAULT["request_timeout"]
-    # What the engine specialises on (warmgate.engineconfig); None: vLLM's defaults.
-    engine: EngineConfig | None = None
+    # Not options: what `warmgate run` learns once the upstream is healthy.
+    engine: EngineConfig | None = None  # what the engine specialises on (warmgate.engineconfig)
+    # time.monotonic() when the budget started (the gate saw health; CLOCK_MONOTONIC is one
+    # clock for every process of the host); None: when the warm-up itself starts.
+    budget_from: float | None = None
 
     def budget_seconds(self, healthy_after: float | None) -> float:
         """The warm-up budget: --warmup-budget, or auto = max(30 s, a quarter of the time

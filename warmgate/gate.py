@@ -344,7 +344,7 @@ class Gate:
         self.progress = Progress(self.meter.observe)
         try:
             async with asyncio.timeout(settings.warmup_timeout):
-                await self._run_worker(settings)
+                await self._run_worker(self._plan_inputs(settings, began))
         except TimeoutError:
             self._warmup_done(False, f"--warmup-timeout {settings.warmup_timeout:g} s reached")
         except Exception as exc:  # any failure of the upstream ends in the documented outcome
@@ -358,7 +358,7 @@ class Gate:
             self._summarise(time.monotonic() - began)
             await self._measure_cache("warm")
 
-    def _plan_inputs(self, settings: WarmupSettings) -> WarmupSettings:
+    def _plan_inputs(self, settings: WarmupSettings, began: float) -> WarmupSettings:
         """What the plan needs that only now is known: the engine's limits (its start-up
         line, else its command line, else vLLM's defaults) and the budget in seconds."""
         gpus = self._host.gpus
@@ -384,11 +384,11 @@ class Gate:
             api_key=self._api_key,
             engine=self.engine,
             warmup_budget=self.budget_s,
+            budget_from=began,
         )
 
     async def _run_worker(self, settings: WarmupSettings) -> None:
         """The warm-up runs in a worker process (warmgate.worker); its events land here."""
-        settings = self._plan_inputs(settings)
         self.publish()
         keys = [k for r in self.quarantined if (k := plan.ShapeKey.from_dict(r)) is not None]
         worker = Worker.spawn()

@@ -182,7 +182,7 @@ async def warm(
     Shapes in `quarantined` (they killed the engine before) are left out of the plan.
     Raises WarmupError when a shape fails or nothing could be warmed.
     """
-    began = time.monotonic()
+    began = settings.budget_from or time.monotonic()
     info, prompts = await discover(upstream, settings)
     the_plan, left_out = plan.without_quarantined(build(settings, info), quarantined)
     emit(

@@ -111,50 +111,44 @@ def budget_chart(
         panels.append(("kernels compiled after Ready (sim)", lambda o: o.compiled_after_ready))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.6), dpi=120)
     for ax, (ylabel, value) in zip(list(axes) if len(panels) > 1 else [axes], panels, strict=True):
-        line = sorted(
-            ((o.warmup_s, y) for o, _, kind in groups if kind == "budget"
-             if o.warmup_s is not None and (y := value(o)) is not None),
-        )  # fmt: skip
-        if line:
-            ax.plot(*zip(*line, strict=True), color=_POINT_STYLE["budget"][1], lw=1, zorder=1)
+        ratios = ylabel.startswith("held-out")
+        ys = [y for o in [*(o for o, _, _ in groups), *baselines] if (y := value(o)) is not None]
+        low = min(1.0, *ys) if ratios and ys else 0.0  # ratios from just under 1
+        span = max(max(ys, default=1.0) - low, 0.1)
+        ax.set_ylim(max(0.0, low - 0.08 * span), max(ys, default=1.0) + 0.15 * span)
         placed = sorted(
             (x, y, labels, kind) for o, labels, kind in groups
             if (x := o.warmup_s) is not None and (y := value(o)) is not None
         )  # fmt: skip
-        budgets_seen = 0
+        line = [(x, y) for x, y, _, kind in placed if kind == "budget"]
+        if line:
+            ax.plot(*zip(*line, strict=True), color=_POINT_STYLE["budget"][1], lw=1, zorder=1)
         for x, y, labels, kind in placed:
             marker, colour = _POINT_STYLE.get(kind, _POINT_STYLE["budget"])
             ax.scatter([x], [y], marker=marker, color=colour, s=36, zorder=2)
-            right = kind != "budget" or budgets_seen % 2 == 0  # budgets' labels: right, left, ...
-            budgets_seen += kind == "budget"
-            ax.annotate(
-                " / ".join(labels), (x, y), xytext=(5 if right else -5, 5),
-                textcoords="offset points", fontsize=8, ha="left" if right else "right",
+            ax.annotate(  # slanted: the labels of close points run side by side
+                " / ".join(labels), (x, y), xytext=(4, 5), textcoords="offset points",
+                fontsize=8, rotation=30, rotation_mode="anchor",
             )  # fmt: skip
-        for y, names in reference_lines(baselines, value).items():
-            ax.axhline(y, color="#9e9e9e", ls="--", lw=1, zorder=0)
+        for values, label in reference_lines(baselines, value, near=0.05 * span):
+            for y in values:
+                ax.axhline(y, color="#9e9e9e", ls="--", lw=1, zorder=0)
             ax.annotate(
-                f"{' / '.join(names)} {y:.3g}", (1.0, y), xycoords=("axes fraction", "data"),
-                xytext=(-4, 3), textcoords="offset points", ha="right", fontsize=8,
-                color="#616161",
+                label, (1.0, max(values)), xycoords=("axes fraction", "data"), xytext=(-4, 3),
+                textcoords="offset points", ha="right", fontsize=8, color="#616161",
             )  # fmt: skip
         floor = _noise_floor(groups)
-        if ylabel.startswith("held-out") and floor is not None:
+        if ratios and floor is not None:
             ax.axhline(floor[0], color="#9e9e9e", ls=":", lw=1, zorder=0)
             ax.annotate(
-                f"noise floor {floor[0]:.3g} ({floor[1]})", (0.0, floor[0]),
-                xycoords=("axes fraction", "data"), xytext=(4, -10),
+                f"noise floor {floor[0]:.3g} ({floor[1]})", (1.0, floor[0]),
+                xycoords=("axes fraction", "data"), xytext=(-4, -10), ha="right",
                 textcoords="offset points", fontsize=8, color="#616161",
             )  # fmt: skip
         ax.set_xlabel("warm-up s (healthy → Ready, measured)")
         ax.set_ylabel(ylabel)
         ax.set_xlim(left=0)
-        ys = [y for o in [*(o for o, _, _ in groups), *baselines] if (y := value(o)) is not None]
-        if ys:  # room for the labels above the highest line; ratios from just under 1
-            low = 0.0 if not ylabel.startswith("held-out") else min(1.0, *ys)
-            span = max(max(ys) - low, 0.1)
-            ax.set_ylim(max(0.0, low - 0.08 * span), max(ys) + 0.12 * span)
-        ax.margins(x=0.12)
+        ax.margins(x=0.15)
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -164,15 +158,20 @@ def budget_chart(
 
 
 def reference_lines(
-    baselines: Sequence[Outcome], value: Callable[[Outcome], float | None]
-) -> dict[float, list[str]]:
-    """The baselines' lines, one per value: baselines that agree share a line and a label."""
-    lines: dict[float, list[str]] = {}
-    for baseline in baselines:
-        y = value(baseline)
-        if y is not None:
-            lines.setdefault(float(f"{y:.3g}"), []).append(baseline.strategy)
-    return lines
+    baselines: Sequence[Outcome], value: Callable[[Outcome], float | None], near: float
+) -> list[tuple[list[float], str]]:
+    """The baselines' lines, highest first: (values, one label) for each run of baselines
+    less than `near` apart, whose labels would overlap."""
+    known = sorted(
+        ((y, o.strategy) for o in baselines if (y := value(o)) is not None), reverse=True
+    )
+    runs: list[list[tuple[float, str]]] = []
+    for y, name in known:
+        if runs and runs[-1][-1][0] - y < near:
+            runs[-1].append((y, name))
+        else:
+            runs.append([(y, name)])
+    return [([y for y, _ in run], " / ".join(f"{n} {y:.3g}" for y, n in run)) for run in runs]
 
 
 def _noise_floor(groups: Sequence[tuple[Outcome, list[str], str]]) -> tuple[float, str] | None:
