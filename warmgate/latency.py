@@ -9,7 +9,8 @@ first run is already as fast as a warm engine would be, the second run proves no
 
 (one engine step serves every running sequence, so decode cost grows with steps and,
 more slowly, with the batch). It is fitted on runs known to be warm only: repeats of a
-shape, never first runs, which on a fresh engine are cold. Coefficients are kept
+shape, and first runs the model itself judged warm (at no more than it predicted); never
+other first runs, which on a fresh engine are cold. Coefficients are kept
 non-negative (a negative cost per token is noise, and would predict a long prompt as
 faster than a short one).
 

@@ -250,7 +250,7 @@ OPTIONS: tuple[Option, ...] = (
         "converge",
         "float",
         0.10,
-        "A cold shape is warm when a run is within this fraction of the last.",
+        "A cold shape is warm when a run is at most this fraction faster than the last.",
         RUN_AND_WARMUP,
         check=_fraction,
     ),

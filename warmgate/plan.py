@@ -122,6 +122,9 @@ _NO_STREAM_FEATURES = frozenset({"prompt_logprobs"})  # vLLM: not available with
 DEFAULT_TOKENS_PER_WORD = 1.5  # on the high side, so text prompts come out short, not long
 DEFAULT_MAX_MODEL_LEN = 2048  # when neither the upstream nor the settings say
 MIN_REPEATS = 2  # runs a cold shape needs before it can count as converged
+SLOWER_RUNS = 3  # a repeat this many --converge fractions slower than the run before: again
+_SHORT_DECODE = 4  # max_tokens of length and batch shapes: their prompt or batch is the point
+_BATCH_PROMPT = 8  # prompt tokens of each request of a mixed batch
 DEFAULT_STEP_BUDGET = 2048  # vLLM's max_num_batched_tokens when nothing says otherwise
 DEFAULT_MAX_NUM_SEQS = 256
 PAIRWISE_BUDGETS = 8  # the pairwise sweep's default load cap, in step budgets
@@ -602,10 +605,15 @@ def _engine_shapes(
         )
         return []
 
-    def shape(endpoint: str, stream: bool, features: Sequence[str], length: int, c: int) -> Shape:
-        made = _gen_shape(
-            model, endpoint, stream, "greedy", length, c, settings.max_tokens, upstream, limit
-        )
+    def shape(
+        endpoint: str,
+        stream: bool,
+        features: Sequence[str],
+        length: int,
+        c: int,
+        max_tokens: int = settings.max_tokens,
+    ) -> Shape:
+        made = _gen_shape(model, endpoint, stream, "greedy", length, c, max_tokens, upstream, limit)
         feature = "+".join(features) or "default"
         return replace(
             made,
@@ -622,11 +630,16 @@ def _engine_shapes(
     along = [f for f in addons if f in _LENGTH_FEATURES]
     lengths_on = "completions" if "completions" in endpoints else endpoints[0]
     lengths = length_levels(top, settings.min_prompt_tokens)
-    shapes += [shape(lengths_on, False, paths[:1] + along, n, 1) for n in lengths]
-    shapes += _mixed_batches(shape, paths, endpoints, short, settings)
+    # Lengths and batches decode a few tokens only: the first decode step of a batch is the
+    # one that meets its kernels; on the CPU build a batch of 64 spent 1.4 of its 2.3 s in
+    # 16 decode steps.
+    brief = min(settings.max_tokens, _SHORT_DECODE)
+    shapes += [shape(lengths_on, False, paths[:1] + along, n, 1, brief) for n in lengths]
+    batch_prompt = min(_BATCH_PROMPT, top)
+    shapes += _mixed_batches(shape, paths, endpoints, batch_prompt, brief, settings)
     if settings.chunked_prefill and limit > settings.step_budget:
         # Greedy: the vLLM CPU build kills its engine on a seeded prefill that is chunked.
-        shapes.append(shape(lengths_on, False, ["greedy"], limit, 1))
+        shapes.append(shape(lengths_on, False, ["greedy"], limit, 1, brief))
     return shapes
 
 
@@ -664,10 +677,11 @@ def _feature_rows(
 
 
 def _mixed_batches(
-    shape: Callable[[str, bool, Sequence[str], int, int], Shape],
+    shape: Callable[[str, bool, Sequence[str], int, int, int], Shape],
     paths: Sequence[str],
     endpoints: Sequence[str],
     short: int,
+    max_tokens: int,
     settings: PlanSettings,
 ) -> list[Shape]:
     """One batch per power-of-two size from 2 to the largest bucket (engines pad batches
@@ -681,7 +695,7 @@ def _mixed_batches(
             order = [paths[(first + i) % len(paths)] for i in range(size)]
             endpoint = endpoints[turn % len(endpoints)]
             turn += 1
-            made = shape(endpoint, False, [], short, size)
+            made = shape(endpoint, False, [], short, size, max_tokens)
             feature = ",".join(dict.fromkeys(order))
             mixed.append(
                 replace(
@@ -1147,10 +1161,14 @@ def prompt_text(words: Sequence[str], n_tokens: int, tokens_per_word: float, see
 
 
 class Convergence:
-    """Repeat a shape until its latency settles.
+    """Repeat a shape until it stops getting faster.
 
-    Done once the last run is within `tolerance` of the previous one (after at least
-    `min_runs`), or after `max_runs` (then `converged` stays False: warn, don't fail).
+    Done once the last run is no more than `tolerance` faster than the previous one (the
+    previous run paid no one-time cost the last one was spared) and not much slower
+    (SLOWER_RUNS tolerances: a run that got far slower may have met a new cost), after at
+    least `min_runs`; or after `max_runs` (then `converged` stays False: warn, don't
+    fail). A warm run that noise made slower needs no third run: on the CPU build one
+    batch of 64 ran 2345 then 2687 ms, and two more runs showed nothing.
     One run is one batch of `concurrency` requests; record its wall time.
     """
 
@@ -1180,7 +1198,10 @@ class Convergence:
         self._runs.append(ms)
         if len(self._runs) >= max(2, self.min_runs):
             prev, last = self._runs[-2], self._runs[-1]
-            self.converged = abs(last - prev) <= self.tolerance * prev
+            faster, slower = prev - last, last - prev
+            self.converged = (
+                faster <= self.tolerance * prev and slower <= SLOWER_RUNS * self.tolerance * prev
+            )
         return self.done
 
     @property

@@ -267,7 +267,15 @@ class Runner:
                 if not first:
                     self.model.observe(batch, ms)  # a repeat: the first run paid the cold costs
                 tolerance = 2 * self.plan.converge
-                if first and is_warm(ms, predicted, tolerance, VERIFY_SLACK_MS):
+                if (
+                    first
+                    and predicted is not None
+                    and is_warm(ms, predicted, tolerance, VERIFY_SLACK_MS)
+                ):
+                    # Known warm by the model's own verdict: a point that extends its reach to
+                    # larger batches, counted at no more than it predicted, so that a cold
+                    # run it let through cannot raise the bar for the next ones.
+                    self.model.observe(batch, min(ms, predicted))
                     return "verified", None
                 if convergence.record(ms):
                     break
