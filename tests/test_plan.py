@@ -654,3 +654,14 @@ def test_pairwise_leaves_out_prompts_above_its_load_cap_with_a_warning() -> None
     plan = plan_for(ModelInfo("m", 131072), coverage="pairwise")  # cap: 8 x 2048 tokens
     assert max(s.prompt_tokens * s.concurrency for s in plan.shapes) <= 16384
     assert any("above max_inflight_tokens 16384" in w for w in plan.warnings)
+
+
+def test_compile_sizes_join_the_length_ladder() -> None:
+    plan = engine_plan(compile_sizes=(48, 100, 4096))  # 4096: above the step budget
+    lengths = {s.prompt_tokens for s in plan.shapes if "prompt_logprobs" in s.features}
+    assert {48, 100} <= lengths and 4096 not in lengths
+
+
+def test_sampling_carries_min_p() -> None:
+    shape = next(s for s in engine_plan().shapes if "sampling" in s.features and not s.variants)
+    assert body_for(shape, "hi" if shape.prompt_kind == "text" else [1])["min_p"] == 0.05

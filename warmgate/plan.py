@@ -100,9 +100,10 @@ _POOLING_ENDPOINT = {"embed": "embeddings", "classify": "classify"}  # model kin
 # takes a different path through the sampler or the output processor.
 _FEATURE_FIELDS: dict[str, tuple[Body, Body]] = {
     "greedy": ({"temperature": 0.0}, {"temperature": 0.0}),
+    # min_p too: vLLM applies it in a step of its own, and clients send it with top-k/p.
     "sampling": (
-        {"temperature": 0.8, "top_p": 0.95, "top_k": 40},
-        {"temperature": 0.8, "top_p": 0.95, "top_k": 40},
+        {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05},
+        {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05},
     ),
     "penalties": (
         {"presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.1},
@@ -241,6 +242,7 @@ class PlanSettings:
     step_budget: int = DEFAULT_STEP_BUDGET  # max_num_batched_tokens: tokens one step computes
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
     chunked_prefill: bool = True
+    compile_sizes: tuple[int, ...] = ()  # token counts the engine compiles a graph for
 
     @property
     def inflight_cap(self) -> int:
@@ -629,7 +631,10 @@ def _engine_shapes(
     ]
     along = [f for f in addons if f in _LENGTH_FEATURES]
     lengths_on = "completions" if "completions" in endpoints else endpoints[0]
-    lengths = length_levels(top, settings.min_prompt_tokens)
+    # The octaves, and each size the engine compiled for (vLLM's compile_sizes): a prompt of
+    # exactly that many tokens is the one that meets that specialisation.
+    exact = {n for n in settings.compile_sizes if settings.min_prompt_tokens <= n <= top}
+    lengths = tuple(sorted(set(length_levels(top, settings.min_prompt_tokens)) | exact))
     # Lengths and batches decode a few tokens only: the first decode step of a batch is the
     # one that meets its kernels; on the CPU build a batch of 64 spent 1.4 of its 2.3 s in
     # 16 decode steps.

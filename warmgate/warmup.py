@@ -146,6 +146,7 @@ def build(settings: WarmupSettings, info: plan.UpstreamInfo) -> plan.Plan:
             "step_budget": engine.step_budget,
             "max_num_seqs": engine.max_num_seqs,
             "chunked_prefill": engine.chunked_prefill,
+            "compile_sizes": engine.compile_sizes,
         }
     return plan.build_plan(
         plan.PlanSettings(
