@@ -138,22 +138,24 @@ class _StateCollector:
             for when, size in c.cache_bytes.items():
                 cache.add_metric([when], float(size))
             yield cache
-        quarantined = GaugeMetricFamily(
+        yield _by_feature(
             "warmgate_quarantined_shapes",
             "Shapes left out of the warm-up because they killed the engine, or may.",
-            labels=["feature"],
+            c.quarantined,
         )
-        for feature, count in c.quarantined.items():
-            quarantined.add_metric([feature], float(count))
-        yield quarantined
-        cold = GaugeMetricFamily(
-            "warmgate_cold_shapes",
-            "Planned shapes the warm-up budget left cold.",
-            labels=["feature"],
+        yield _by_feature(
+            "warmgate_cold_shapes", "Planned shapes the warm-up budget left cold.", c.cold
         )
-        for feature, count in c.cold.items():
-            cold.add_metric([feature], float(count))
-        yield cold
+
+
+def _by_feature(name: str, doc: str, counts: Mapping[str, int]) -> Metric:
+    """A gauge of shapes counted by feature (prometheus_client loads with the first scrape)."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    family = GaugeMetricFamily(name, doc, labels=["feature"])
+    for feature, count in counts.items():
+        family.add_metric([feature], float(count))
+    return family
 
 
 def process_tree_rss(pid: int) -> int | None:
