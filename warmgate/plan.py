@@ -129,7 +129,7 @@ _BATCH_PROMPT = 8  # prompt tokens of each request of a mixed batch
 DEFAULT_STEP_BUDGET = 2048  # vLLM's max_num_batched_tokens when nothing says otherwise
 DEFAULT_MAX_NUM_SEQS = 256
 PAIRWISE_BUDGETS = 8  # the pairwise sweep's default load cap, in step budgets
-_SHORT_PROMPT = 32  # feature and batch shapes: the features, not the prompt, are the point
+_SHORT_PROMPT = 32  # feature rows: the features, not the prompt, are the point
 _TEMPLATE_TOKENS = 32  # room for the chat template / special tokens around text prompts
 _TEXT_SLACK = 0.10  # text prompts miss their target by up to this much
 
