@@ -43,6 +43,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from warmgate import engineconfig
 from warmgate.latency import Batch, prior_ms
 from warmgate.options import COVERAGES, DEFAULTS, FEATURES
 
@@ -126,8 +127,10 @@ MIN_REPEATS = 2  # runs a cold shape needs before it can count as converged
 SLOWER_RUNS = 3  # a repeat this many --converge fractions slower than the run before: again
 _SHORT_DECODE = 4  # max_tokens of length and batch shapes: their prompt or batch is the point
 _BATCH_PROMPT = 8  # prompt tokens of each request of a mixed batch
-DEFAULT_STEP_BUDGET = 2048  # vLLM's max_num_batched_tokens when nothing says otherwise
-DEFAULT_MAX_NUM_SEQS = 256
+# When nothing says otherwise: the vLLM CPU build's own defaults (engineconfig cites them).
+_CPU_ENGINE = engineconfig.defaults(None)
+DEFAULT_STEP_BUDGET: int = _CPU_ENGINE["step_budget"]  # max_num_batched_tokens
+DEFAULT_MAX_NUM_SEQS: int = _CPU_ENGINE["max_num_seqs"]
 PAIRWISE_BUDGETS = 8  # the pairwise sweep's default load cap, in step budgets
 _SHORT_PROMPT = 32  # feature rows: the features, not the prompt, are the point
 _TEMPLATE_TOKENS = 32  # room for the chat template / special tokens around text prompts
