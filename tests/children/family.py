@@ -20,8 +20,10 @@ if pid == 0:
             f.write(str(os.getppid()))
     time.sleep(60)
     os._exit(0)
-with open(path, "w") as f:
+# Written whole and renamed into place: a reader that sees the file sees both pids.
+with open(path + ".tmp", "w") as f:
     f.write(f"{os.getpid()} {pid}\n")
+os.replace(path + ".tmp", path)
 if mode == "orphan":
     sys.exit(0)
 time.sleep(60)
