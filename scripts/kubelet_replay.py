@@ -2,9 +2,11 @@
 
     .venv/bin/python scripts/kubelet_replay.py [--time-scale 0.05] [--command CMD] [--timeline]
 
-It reads the probes the manifest configures (docker/kubernetes/deployment.yaml: startupProbe,
-readinessProbe, livenessProbe with initialDelaySeconds, periodSeconds, timeoutSeconds,
-failureThreshold, successThreshold and httpGet path/port, or tcpSocket) and replays them with
+It reads the probes the manifest configures (by default the Deployment of the gpu overlay,
+docker/kubernetes/overlays/gpu, as `kubectl kustomize` renders it; --manifest takes another
+kustomization directory or a YAML file: startupProbe, readinessProbe, livenessProbe with
+initialDelaySeconds, periodSeconds, timeoutSeconds, failureThreshold, successThreshold and
+httpGet path/port, or tcpSocket) and replays them with
 the kubelet's rules against a fresh local start of each row's pod (the benchmark core starts
 it: fresh process, fresh compile cache; `warmgate sim` unless --command names a server such as
 `bash scripts/real_vllm.sh | tail -1`). Rows (--rows):
@@ -70,12 +72,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import httpx
-import yaml
+import manifests  # scripts/manifests.py: renders the Kustomize overlays
 
 from warmgate.bench import HeldoutRequest, core, load_heldout
 
 ROOT = Path(__file__).resolve().parent.parent
-MANIFEST = ROOT / "docker" / "kubernetes" / "deployment.yaml"
+MANIFEST = manifests.overlay("gpu")
 KINDS = ("startup", "readiness", "liveness")
 ROWS = ("container-start", "health", "warmup.sh", "warmgate", "naive-liveness")
 KUBE_PROBE_HEADERS = {"User-Agent": "kube-probe/1.32", "Accept": "*/*", "Connection": "close"}
@@ -162,17 +164,17 @@ class Manifest:
 
 
 def load_manifest(path: Path = MANIFEST, container: str | None = None) -> Manifest:
-    """The probes and ports of one container of the Deployment (or Pod, StatefulSet...) in
-    `path`: the one named `container`, else the first that has a probe."""
+    """The probes and ports of one container of the Deployment (or Pod, StatefulSet,
+    LeaderWorkerSet...) in `path`, a kustomization directory (rendered) or a YAML file: the
+    container named `container`, else the first that has a probe."""
     try:
-        docs = [d for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict)]
-    except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"--manifest {path}: {exc}") from None
+        docs = manifests.documents(path)
+    except manifests.RenderError as exc:
+        raise ValueError(f"--manifest {exc}") from None
     containers: list[dict[str, Any]] = []
     for doc in docs:
-        spec = doc.get("spec") or {}
-        pod = (spec.get("template") or {}).get("spec") or spec
-        containers += [c for c in pod.get("containers") or [] if isinstance(c, dict)]
+        for pod in _pod_specs(doc):
+            containers += [c for c in pod.get("containers") or [] if isinstance(c, dict)]
     chosen = [
         c
         for c in containers
@@ -194,6 +196,16 @@ def load_manifest(path: Path = MANIFEST, container: str | None = None) -> Manife
     api_port = port_names.get("http") or _flag_port(c.get("args") or []) or VLLM_PORT
     probes = {k: _probe(path, k, c[f"{k}Probe"]) for k in KINDS if c.get(f"{k}Probe")}
     return Manifest(probes, port_names, warmgate_port, api_port)
+
+
+def _pod_specs(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pod specs of one object: a Pod's own, a workload's template, or a
+    LeaderWorkerSet's leader and worker templates (leader first)."""
+    spec = doc.get("spec") or {}
+    group = spec.get("leaderWorkerTemplate") or {}
+    templates = [spec.get("template"), group.get("leaderTemplate"), group.get("workerTemplate")]
+    pods = [t["spec"] for t in templates if isinstance(t, dict) and isinstance(t.get("spec"), dict)]
+    return pods or [spec]
 
 
 def _flag_port(args: Sequence[Any]) -> int | None:
@@ -704,7 +716,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--manifest", type=Path, default=MANIFEST, help="Deployment YAML (default: %(default)s)"
+        "--manifest",
+        type=Path,
+        default=MANIFEST,
+        help="kustomization directory or YAML file (default: %(default)s)",
     )
     p.add_argument(
         "--container", help="container whose probes to replay (default: the first with probes)"

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _load() -> ModuleType:
+    sys.path.insert(0, str(ROOT / "scripts"))  # its `import manifests`, as when run as a script
     spec = importlib.util.spec_from_file_location(
         "kubelet_replay", ROOT / "scripts" / "kubelet_replay.py"
     )
@@ -107,8 +108,15 @@ def test_initial_delay() -> None:
 
 # --- the manifest --------------------------------------------------------------------------------
 
+needs_kubectl = pytest.mark.skipif(
+    kr.manifests.kubectl() is None,
+    reason="kubectl not on PATH: it renders docker/kubernetes/overlays (`kubectl kustomize`)",
+)
 
+
+@needs_kubectl
 def test_reads_the_deployment_probes() -> None:
+    assert kr.MANIFEST == ROOT / "docker" / "kubernetes" / "overlays" / "gpu"
     m = kr.load_manifest()
     assert (m.warmgate_port, m.api_port) == (8080, 8000)
     startup, readiness, liveness = (m.probes[k] for k in ("startup", "readiness", "liveness"))
@@ -146,6 +154,25 @@ def test_rejects_probes_it_cannot_replay(tmp_path: Path, probe: str, message: st
         kr.load_manifest(path)
 
 
+@needs_kubectl
+def test_reads_the_rendered_sim_overlay_and_lws_templates() -> None:
+    overlays = ROOT / "docker" / "kubernetes" / "overlays"
+    assert kr.load_manifest(overlays / "sim").probes == kr.load_manifest().probes
+    leader = kr.load_manifest(overlays / "multinode")  # the first container with probes
+    assert leader.probes["startup"].failure_threshold == 360
+    worker = kr.load_manifest(overlays / "multinode", "ray-worker")
+    assert set(worker.probes) == {"readiness", "liveness"}
+    assert worker.warmgate_port == 8080
+
+
+def test_unrenderable_manifest_is_one_error_line(tmp_path: Path) -> None:
+    (tmp_path / "kustomization.yaml").write_text("resources: [nowhere.yaml]\n")
+    with pytest.raises(ValueError, match=r"^--manifest ") as info:
+        kr.load_manifest(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+@needs_kubectl
 def test_rows_probe_ports_the_pod_has() -> None:
     m = kr.load_manifest()
     table = kr.rows(m)
@@ -161,6 +188,8 @@ def test_rows_probe_ports_the_pod_has() -> None:
 
 @pytest.fixture(scope="module")
 def replay(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    if kr.manifests.kubectl() is None:  # the replay reads the rendered gpu overlay
+        pytest.skip("kubectl not on PATH: it renders docker/kubernetes/overlays")
     out = tmp_path_factory.mktemp("replay") / "replay.json"
     code = kr.main(
         [
