@@ -32,8 +32,8 @@ class Target:
 
 
 def warmup_target(settings: RunSettings, environ: dict[str, str]) -> Target | None:
-    """The upstream to warm up, or None for plain-init mode."""
-    if settings.no_warmup:
+    """The upstream to warm up, or None for plain-init and worker mode."""
+    if settings.no_warmup or settings.leader is not None:
         return None
     url = settings.warmup.upstream or servers.upstream_url(settings.command, environ)
     if url is None:
@@ -48,7 +48,7 @@ def supervise(settings: RunSettings, own_vars: Iterable[str]) -> int:
     """Spawn the child first (nothing heavy imported yet), then supervise it."""
     target = warmup_target(settings, dict(os.environ))
     sock = None
-    if target is not None:
+    if target is not None or settings.leader is not None:  # worker mode serves probes too
         try:
             sock = _bind(settings.host, settings.port)
         except OSError as exc:
@@ -97,7 +97,7 @@ def supervise(settings: RunSettings, own_vars: Iterable[str]) -> int:
         pid=child.pid,
         argv=servers.redacted(child.argv),
         pid1=process.is_pid1(),
-        mode="warmup" if target else "plain",
+        mode="warmup" if target else "worker" if settings.leader else "plain",
         **({"guard": guard.pid} if guard is not None else {}),
         **({"terminal_sentinel": sentinel.pid} if sentinel is not None else {}),
     )
@@ -193,6 +193,12 @@ async def _run_until_child_exits(
         gate = Gate(settings, child, target.url, target.api_key, signals.forward, cache_report)
         for warning in settings.drain_warnings():
             logger.warning("config", note=warning)
+    member = None
+    if settings.leader is not None:
+        sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]  # as above
+        from warmgate.member import Membership
+
+        member = Membership(settings, child, signals.forward)
     pumps = _start_pumps(
         child, gate.scan_output if gate is not None else None
     )  # threads start with signals blocked
@@ -220,7 +226,11 @@ async def _run_until_child_exits(
 
     reaper = process.Reaper(child.pid, on_main_exit)
     handler: Callable[[signal.Signals], None] = (
-        gate.on_signal if gate is not None else signals.forward
+        gate.on_signal
+        if gate is not None
+        else member.on_signal
+        if member is not None
+        else signals.forward
     )
     for sig in process.FORWARDED_SIGNALS:
         loop.add_signal_handler(sig, handler, sig)
@@ -233,9 +243,13 @@ async def _run_until_child_exits(
         end = await gate.drive_lifecycle(exited, sock)
         wait_status = exited.result()
     else:
-        wait_status = await exited
+        if member is not None:
+            assert sock is not None
+            wait_status = await member.serve_until(exited, sock)
+        else:
+            wait_status = await exited
         end = child_ending(process.shell_status(wait_status), process.fatal_signal(wait_status))
-        if signals.stop_signal is not None:
+        if signals.stop_signal is not None or (member is not None and member.stop_asked):
             end = ending("stopped", end.code)
     signals.cancel()
     killed = await _sweep(child, settings.stop_timeout, helpers)
@@ -246,6 +260,10 @@ async def _run_until_child_exits(
         pump.join(timeout=1.0)
     extra: dict[str, Any] = gate.exit_fields() if gate is not None else {}
     stop_signal = gate.life.stop_signal if gate is not None else signals.stop_signal
+    if member is not None:
+        extra.update(member.exit_fields())
+        if member.stop_asked:  # a held SIGTERM is the stop asked for, forwarded or not
+            stop_signal = stop_signal or signal.SIGTERM.name
     fatal = process.fatal_signal(wait_status)
     if end.reason == "stopped":
         extra["signal"] = stop_signal  # the stop asked for; the child's own death apart
