@@ -32,8 +32,11 @@ class Sim(Watched):
         env: dict[str, str] | None = None,
         wait_listening: bool = True,
         timeout: float = 10.0,
+        stdout: bool = False,
     ) -> None:
+        """stdout: collect it too (vLLM's own log lines: the request log) in `out_lines`."""
         self.args = [*FAST, *args]
+        self.capture_stdout = stdout
         self.env = {**os.environ, **(env or {})}
         self.wait_listening = wait_listening
         self.timeout = timeout
@@ -45,7 +48,7 @@ class Sim(Watched):
             subprocess.Popen(
                 [*argv, *self.args],
                 stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
+                stdout=subprocess.PIPE if self.capture_stdout else subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 env=self.env,
             )
@@ -135,9 +138,16 @@ def poll(check: Callable[[], bool], timeout: float = 5.0, every: float = 0.02) -
     return check()
 
 
-def run_sim(args: Sequence[str], timeout: float = 10.0) -> subprocess.CompletedProcess[str]:
+def run_sim(
+    args: Sequence[str], timeout: float = 10.0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the simulator to completion (for runs expected to exit on their own)."""
     argv = [sys.executable, "-m", "warmgate.sim", "--host", "127.0.0.1", "--port", "0"]
     return subprocess.run(
-        [*argv, *FAST, *args], capture_output=True, text=True, timeout=timeout, check=False
+        [*argv, *FAST, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env={**os.environ, **(env or {})},
     )

@@ -20,11 +20,13 @@ from typing import Any
 
 from warmgate.sim.costs import Features
 from warmgate.sim.generate import SamplingSpec
+from warmgate.sim.requestlog import STRUCTURED_FIELDS, LoggedParams
 from warmgate.sim.tokenizer import BOS, Tokenizer, render_chat
 
 MAX_LOGPROBS = 20  # vLLM's default --max-logprobs
 MAX_STOP_STRINGS = 4  # vLLM's default VLLM_MAX_STOP_STRINGS
 _SAMPLING_EPS = 1e-5  # below this temperature vLLM samples greedily
+_MIN_TEMPERATURE = 1e-2  # vLLM raises a smaller positive temperature to this
 _INT64 = 2**63
 _NO_VALUE = object()
 _JSON_TYPES = {"string", "number", "integer", "boolean", "object", "array", "null"}
@@ -122,6 +124,7 @@ class Context:
     model: str
     max_model_len: int
     tokenizer: Tokenizer
+    adapters: frozenset[str] = frozenset()  # LoRA adapters a request may name as its model
 
     def unknown_model(self, name: str) -> ApiError:
         return ApiError(
@@ -157,6 +160,8 @@ class Generation:
     prompt_logprobs: int | None
     return_token_ids: bool
     features: Features
+    params: LoggedParams  # what vLLM's request log prints as SamplingParams
+    lora: str | None = None  # the adapter named as the model
 
 
 # -- reading fields ---------------------------------------------------------------------
@@ -446,7 +451,7 @@ def _check_tools(f: _Fields) -> None:
 
 def _check_model(f: _Fields, ctx: Context) -> None:
     model = f.string("model")
-    if model is not None and model != ctx.model:
+    if model is not None and model != ctx.model and model not in ctx.adapters:
         raise ctx.unknown_model(model)
 
 
@@ -631,6 +636,8 @@ def _generation(
             prompt_logprobs,
         )
     temperature = specs[0].temperature
+    model = f.string("model")
+    lora = model if model is not None and model in ctx.adapters else None
     features = Features(
         sampling=_sampling_path(f, temperature),
         penalties=_has_penalties(f),
@@ -641,10 +648,11 @@ def _generation(
         chat=chat,
         stream=common.stream,
         n=n,
+        lora=lora,
     )
     return Generation(
         chat=chat,
-        model=ctx.model,
+        model=lora or ctx.model,
         prompts=prompts,
         specs=specs,
         n=n,
@@ -658,7 +666,90 @@ def _generation(
         prompt_logprobs=prompt_logprobs,
         return_token_ids=f.boolean("return_token_ids"),
         features=features,
+        params=_logged_params(f, chat, n, temperature),
+        lora=lora,
     )
+
+
+def _logged_params(f: _Fields, chat: bool, n: int, temperature: float) -> LoggedParams:
+    """The request as vLLM's to_sampling_params and SamplingParams.__post_init__ turn it
+    into the SamplingParams that its request log prints."""
+    if chat:
+        top = f.integer("top_logprobs", 0)
+        logprobs, echo_logprobs = (top if f.boolean("logprobs") else None), top
+    else:
+        logprobs = echo_logprobs = f.integer("logprobs")
+    prompt_logprobs = f.integer("prompt_logprobs")
+    if prompt_logprobs is None and f.boolean("echo"):
+        prompt_logprobs = echo_logprobs
+    greedy = temperature < _SAMPLING_EPS
+    if 0 < temperature < _MIN_TEMPERATURE:
+        temperature = _MIN_TEMPERATURE
+    seed = f.integer("seed")
+    budget = f.integer("thinking_token_budget")
+    return LoggedParams(
+        n=n,
+        presence_penalty=f.number("presence_penalty", 0.0) or 0.0,
+        frequency_penalty=f.number("frequency_penalty", 0.0) or 0.0,
+        repetition_penalty=_or(f.number("repetition_penalty"), 1.0),
+        temperature=temperature,
+        # Greedy sampling ignores these; vLLM resets them.
+        top_p=1.0 if greedy else _or(f.number("top_p"), 1.0),
+        top_k=0 if greedy else f.integer("top_k", 0) or 0,
+        min_p=0.0 if greedy else f.number("min_p", 0.0) or 0.0,
+        seed=None if seed == -1 else seed,
+        stop=f.stop(),
+        stop_token_ids=tuple(dict.fromkeys(f.int_list("stop_token_ids"))),
+        bad_words=_bad_words(f.get("bad_words")),
+        thinking_token_budget=None if budget == -1 else budget,
+        include_stop_str_in_output=f.boolean("include_stop_str_in_output"),
+        ignore_eos=f.boolean("ignore_eos"),
+        min_tokens=f.integer("min_tokens", 0) or 0,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        skip_special_tokens=f.boolean("skip_special_tokens", True),
+        spaces_between_special_tokens=f.boolean("spaces_between_special_tokens", True),
+        structured_outputs=_logged_structured(f),
+        extra_args=_extra_args(f),
+    )
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+def _bad_words(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        return ()
+    return tuple(dict.fromkeys(str(word) for word in value))
+
+
+def _logged_structured(f: _Fields) -> Mapping[str, Any] | None:
+    """`structured_outputs`, overridden by `response_format` as vLLM's
+    structured_outputs_from_response_format does."""
+    given = f.get("structured_outputs")
+    fields = (
+        {k: v for k, v in given.items() if k in STRUCTURED_FIELDS}
+        if isinstance(given, dict)
+        else None
+    )
+    fmt = f.get("response_format")
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "json_object":
+        return {**(fields or {}), "json_object": True}
+    if kind == "json_schema" and isinstance(fmt, dict):
+        spec = fmt.get("json_schema")
+        return {**(fields or {}), "json": spec.get("schema") if isinstance(spec, dict) else None}
+    return fields
+
+
+def _extra_args(f: _Fields) -> Mapping[str, Any] | None:
+    xargs = f.get("vllm_xargs")
+    extra: dict[str, Any] = dict(xargs) if isinstance(xargs, dict) else {}
+    for name in ("kv_transfer_params", "ec_transfer_params"):
+        if f.get(name):
+            extra[name] = f.get(name)
+    return extra or None
 
 
 def plan_features(features: Features) -> frozenset[str]:

@@ -134,21 +134,72 @@ def sim_command(
         bool,
         _opt("ENABLE_LOG_OUTPUTS", "Log chat outputs, as vLLM does (needs --enable-log-requests)."),
     ] = False,
+    enable_sleep_mode: Annotated[
+        bool,
+        _opt(
+            "ENABLE_SLEEP_MODE",
+            "Sleeping frees the weights and KV cache: sleep and wake-up take time, and each "
+            "batch size's first step after wake-up reallocates. The endpoints (/sleep, "
+            "/wake_up, /is_sleeping) exist only with VLLM_SERVER_DEV_MODE=1, as in vLLM; "
+            "without this flag they only pause. Not with --profile cpu (vLLM's CPU build "
+            "refuses it).",
+        ),
+    ] = False,
+    enable_lora: Annotated[
+        bool, _opt("ENABLE_LORA", "Serve LoRA adapters (model=<adapter name>).")
+    ] = False,
+    max_loras: Annotated[
+        int, _opt("MAX_LORAS", "Distinct LoRA adapters in one batch; others wait.")
+    ] = 1,
+    lora_modules: Annotated[
+        list[str] | None,
+        _opt(
+            "LORA_MODULES",
+            "name=path of an adapter to load at start (a directory); repeat the flag for "
+            "more. With VLLM_ALLOW_RUNTIME_LORA_UPDATING=1, POST /v1/load_lora_adapter and "
+            "/v1/unload_lora_adapter change them at run time.",
+        ),
+    ] = None,
+    group_size: Annotated[
+        int,
+        _opt(
+            "GROUP_SIZE",
+            "Multi-node leader: wait for GROUP_SIZE-1 workers on --group-port before loading; "
+            "a lost worker kills the engine (as a Ray group's).",
+        ),
+    ] = 1,
+    group_port: Annotated[
+        int, _opt("GROUP_PORT", "The port a leader's workers join (on --host; 0: any).")
+    ] = 6379,
+    group_leader: Annotated[
+        str | None,
+        _opt(
+            "GROUP_LEADER",
+            "Multi-node worker (ray start --block): join the leader at HOST:PORT, heartbeat, "
+            "serve no HTTP.",
+        ),
+    ] = None,
 ) -> None:
     """Run a deterministic vLLM stand-in with lazy-compilation costs and injectable faults."""
     # Imported here, not at the top: `warmgate run` loads this module to build its
     # CLI and must exec its child before anything heavy is imported.
+    import os
+
     from warmgate import log as wglog
+    from warmgate.sim.lora import parse_module
     from warmgate.sim.settings import (
         SettingsError,
         SimSettings,
         load_costs,
         parse_flap,
         scheduler_limits,
+        vllm_env,
     )
 
     wglog.configure(log_level)
     try:
+        dev_mode, runtime_lora = vllm_env(os.environ)
+        modules = tuple(parse_module(text) for text in lora_modules or ())
         seqs, budget = scheduler_limits(
             profile, max_model_len, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill
         )
@@ -179,6 +230,15 @@ def sim_command(
             slow=slow,
             enable_log_requests=enable_log_requests,
             enable_log_outputs=enable_log_outputs,
+            enable_sleep_mode=enable_sleep_mode,
+            dev_mode=dev_mode,
+            enable_lora=enable_lora,
+            max_loras=max_loras,
+            lora_modules=modules,
+            runtime_lora_updating=runtime_lora,
+            group_size=group_size,
+            group_port=group_port,
+            group_leader=group_leader,
         )
     except SettingsError as exc:
         print(f"warmgate sim: {exc}", file=sys.stderr)
@@ -189,6 +249,10 @@ def sim_command(
 def _run(settings: Any) -> int:
     import uvloop
 
+    if settings.group_leader is not None:
+        from warmgate.sim.group import run_worker
+
+        return uvloop.run(run_worker(settings.group_leader))
     from warmgate.sim.server import run_sim
 
     return uvloop.run(run_sim(settings))

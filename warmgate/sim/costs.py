@@ -40,6 +40,13 @@ class CostTable:
     prefix_cache_blocks: int
     compile_ms: Mapping[str, float] = field(default_factory=dict)
     default_compile_ms: float = 10.0  # a key whose family the table does not name
+    # Sleep mode (--enable-sleep-mode): level 1 offloads the weights to host memory and
+    # copies them back on wake-up; level 2 discards them, so waking reloads them.
+    sleep_ms: float = 500.0
+    discard_ms: float = 100.0
+    wake_ms: float = 400.0
+    reload_ms: float = 2000.0
+    lora_load_ms: float = 150.0  # POST /v1/load_lora_adapter: read the adapter's weights
 
 
 _CPU_COMPILE = {
@@ -60,6 +67,8 @@ _CPU_COMPILE = {
     "chat_template": 15.0,
     "stream": 8.0,
     "parallel_sampling": 30.0,
+    "lora": 60.0,
+    "realloc": 25.0,
 }
 
 _H100_COMPILE = {
@@ -80,6 +89,8 @@ _H100_COMPILE = {
     "chat_template": 10.0,
     "stream": 5.0,
     "parallel_sampling": 25.0,
+    "lora": 45.0,
+    "realloc": 20.0,
 }
 
 PROFILES: Mapping[str, CostTable] = MappingProxyType(
@@ -163,6 +174,7 @@ class Features:
     chat: bool = False
     stream: bool = False
     n: int = 1
+    lora: str | None = None  # the adapter's name (model=<adapter>)
 
 
 def bucket(count: int) -> int:
@@ -192,14 +204,21 @@ def request_keys(features: Features, prefill_tokens: int) -> list[str]:
         keys.append("stream")
     if features.n > 1:
         keys.append("parallel_sampling")
+    if features.lora is not None:
+        # Per adapter: its first request moves its weights into a slot and runs cold.
+        keys.append(f"lora:{features.lora}")
     return keys
 
 
-def step_keys(running_seqs: int, sampling_paths: Iterable[str]) -> list[str]:
+def step_keys(running_seqs: int, sampling_paths: Iterable[str], realloc: bool = False) -> list[str]:
     """Keys a decode step needs: its batch bucket, and each sampling path at that bucket
-    (sampling kernels specialise on batch size as well as on the path)."""
+    (sampling kernels specialise on batch size as well as on the path). After a wake-up
+    from sleep mode each bucket's first step also reallocates its buffers (`realloc:`)."""
     size = bucket(running_seqs)
-    return [f"decode:{size}"] + [f"sampling_batch:{p}@{size}" for p in sorted(set(sampling_paths))]
+    keys = [f"decode:{size}"]
+    if realloc:
+        keys.append(f"realloc:{size}")
+    return keys + [f"sampling_batch:{p}@{size}" for p in sorted(set(sampling_paths))]
 
 
 def compile_ms(table: CostTable, key: str) -> float:
@@ -221,6 +240,13 @@ class KernelCache:
 
     def __len__(self) -> int:
         return len(self._compiled)
+
+    def discard(self, key: str) -> None:
+        self._compiled.discard(key)
+
+    def forget(self, prefix: str) -> None:
+        """Make every key starting with `prefix` cold again."""
+        self._compiled = {key for key in self._compiled if not key.startswith(prefix)}
 
     def compile(self, keys: Iterable[str]) -> list[str]:
         """Mark keys compiled; return those that were cold (in order, without repeats)."""

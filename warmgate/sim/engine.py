@@ -16,6 +16,7 @@ import asyncio
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 
 from warmgate.sim import costs
 from warmgate.sim.costs import CostTable, Features, KernelCache, PrefixCache, Work
@@ -58,6 +59,7 @@ class EngineRequest:
     compile_ms: float = 0.0
     batch_max: int = 0
     done: bool = False
+    max_tokens: int = 0  # the request's max_tokens parameter (vllm:request_params_max_tokens)
     request_id: str = ""  # vLLM's id for the request ("cmpl-<base>-0", "chatcmpl-<base>")
     engine_id: str = ""  # and the engine's: request_id + "-" + 8 random hex digits
 
@@ -104,6 +106,14 @@ class EngineStats:
     steps: int = 0  # every engine step, those that only compute a prefill chunk too
 
 
+class Pause(Enum):
+    """vLLM's scheduler pause states (sleep mode pauses before it frees memory)."""
+
+    none = "unpaused"
+    new = "paused_new"  # running requests go on; new ones wait
+    all = "paused_all"  # nothing is scheduled
+
+
 CompileHook = Callable[[str, float], None]
 FinishHook = Callable[[EngineRequest, str], None]
 IterationHook = Callable[[int], None]
@@ -118,6 +128,7 @@ class Engine:
         max_num_seqs: int = _DEFAULTS.max_num_seqs,
         max_num_batched_tokens: int = _DEFAULTS.max_num_batched_tokens,
         enable_chunked_prefill: bool = True,
+        max_loras: int = 1,
         on_compile: CompileHook | None = None,
         on_finish: FinishHook | None = None,
         on_iteration: IterationHook | None = None,
@@ -127,6 +138,7 @@ class Engine:
         self._max_num_seqs = max_num_seqs
         self._budget = max_num_batched_tokens
         self._chunked = enable_chunked_prefill
+        self._max_loras = max_loras
         self._on_compile = on_compile
         self._on_finish = on_finish
         self._on_iteration = on_iteration
@@ -136,6 +148,10 @@ class Engine:
         self._running: list[EngineRequest] = []
         self._wake = asyncio.Event()
         self._frozen = False
+        self._pause = Pause.none
+        self._realloc = False  # after a wake-up that freed memory: buckets reallocate
+        self._running_empty = asyncio.Event()
+        self._running_empty.set()
         self.clock_ms = 0.0
         self.stats = EngineStats()
 
@@ -165,6 +181,8 @@ class Engine:
             self._waiting.remove(request)
         if request in self._running:
             self._running.remove(request)
+            if not self._running:
+                self._running_empty.set()
         self._finish(request, "abort")
 
     def abort_all(self) -> None:
@@ -179,20 +197,58 @@ class Engine:
             request.sink.put_nowait(Update(request.job, (), tuple(finished), True))
         self._running.clear()
         self._waiting.clear()
+        self._running_empty.set()
 
     def freeze(self) -> None:
         """Stop stepping for good: requests in flight never finish (a hung engine)."""
         self._frozen = True
 
+    # -- sleep mode: vLLM's scheduler pause states ----------------------------------------
+
+    def pause(self, pause: Pause) -> None:
+        """Stop admitting (`new`) or stop stepping (`all`); requests that arrive queue."""
+        self._pause = pause
+        self._wake.set()
+
+    def resume(self) -> None:
+        """Resume scheduling; the requests queued meanwhile are admitted."""
+        self._pause = Pause.none
+        self._wake.set()
+
+    async def running_drained(self) -> None:
+        """Until no request is running (the queued ones do not count)."""
+        await self._running_empty.wait()
+
+    def reset_prefix_cache(self) -> None:
+        """vLLM clears it when it pauses for a sleep of level 1 or 2."""
+        self._prefix = PrefixCache(self._table.prefix_cache_blocks)
+
+    def free_memory(self) -> None:
+        """Sleep mode freed the memory: each batch bucket's buffers are reallocated on
+        its first step after wake-up."""
+        self._kernels.forget("realloc:")
+        self._realloc = True
+
+    def forget_kernel(self, key: str) -> None:
+        """One key is cold again (an adapter loaded anew: its weights changed)."""
+        self._kernels.discard(key)
+
     async def run(self) -> None:
         while True:
-            while self._frozen or not (self._waiting or self._running):
+            while not self._has_work():
                 self._wake.clear()
                 await self._wake.wait()
             step = self._schedule()
             await asyncio.sleep(step.ms / 1000 * self._time_scale)
             if not self._frozen:
                 self._complete(step)
+            if not self._running:
+                self._running_empty.set()
+
+    def _has_work(self) -> bool:
+        if self._frozen or self._pause is Pause.all:
+            return False
+        return bool(self._running) or (bool(self._waiting) and self._pause is Pause.none)
 
     # -- one step ---------------------------------------------------------------------
 
@@ -206,7 +262,8 @@ class Engine:
             if slot is not None:
                 slots.append(slot)
                 budget -= slot.tokens
-        slots += self._admit(budget, alone=not slots)
+        if self._pause is Pause.none:
+            slots += self._admit(budget, alone=not slots)
         step_compile = sum(self._compile_chunk(s) for s in slots if s.prefill)
         step_compile += self._compile_step_keys([s.request for s in slots if s.samples])
         works = [_work(s) for s in slots]
@@ -225,8 +282,15 @@ class Engine:
     def _admit(self, budget: int, alone: bool) -> list[_Slot]:
         seqs = sum(r.active_seqs for r in self._running)
         slots: list[_Slot] = []
+        loras = {r.features.lora for r in self._running if r.features.lora is not None}
+        skipped: list[EngineRequest] = []
         while self._waiting and budget > 0:
             candidate = self._waiting[0]
+            lora = candidate.features.lora
+            if lora is not None and lora not in loras and len(loras) >= self._max_loras:
+                # vLLM: every adapter slot is taken by others; later requests may pass.
+                skipped.append(self._waiting.popleft())
+                continue
             # An oversized request still runs alone rather than waiting forever.
             if seqs + candidate.active_seqs > self._max_num_seqs and self._running:
                 break
@@ -238,6 +302,9 @@ class Engine:
                 break
             self._waiting.popleft()
             self._running.append(candidate)
+            self._running_empty.clear()
+            if lora is not None:
+                loras.add(lora)
             seqs += candidate.active_seqs
             candidate.cached_tokens = candidate.computed_tokens = cached
             self.stats.prefix_queries += len(candidate.prompt_ids)
@@ -246,6 +313,7 @@ class Engine:
             slot = self._chunk(candidate, chunk, cached)
             slots.append(slot)
             budget -= slot.tokens
+        self._waiting.extendleft(reversed(skipped))
         return slots
 
     def _cached(self, request: EngineRequest) -> int:
@@ -274,14 +342,14 @@ class Engine:
             request.batch_max = max(request.batch_max, batch)
         paths = [r.features.sampling for r in samplers]
         ms = 0.0
-        for key in costs.step_keys(batch, paths):
+        for key in costs.step_keys(batch, paths, self._realloc):
             # A batch-wide key is paid by the newest request that needs it: its arrival
             # is what grew the batch into the new bucket.
             path = key.partition(":")[2].partition("@")[0]
             payer = next(
                 r
                 for r in reversed(samplers)
-                if key.startswith("decode:") or r.features.sampling == path
+                if key.startswith(("decode:", "realloc:")) or r.features.sampling == path
             )
             ms += self._compile(payer, [key])
         return ms

@@ -380,16 +380,26 @@ def _chunk_head(gen: Generation, ids: Ids) -> dict[str, Any]:
 # -- models ----------------------------------------------------------------------------
 
 
-def models_response(ctx: Context) -> dict[str, Any]:
+def models_response(ctx: Context, adapters: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+    """The base model's card, then each LoRA adapter's (name, path): vLLM gives an
+    adapter's card its path as `root`, the base model as `parent`, and no max_model_len."""
     created = int(time.time())
-    card = {
-        "id": ctx.model,
+    cards = [_model_card(ctx.model, ctx.model, None, ctx.max_model_len, created)]
+    cards += [_model_card(name, path, ctx.model, None, created) for name, path in adapters]
+    return {"object": "list", "data": cards}
+
+
+def _model_card(
+    model_id: str, root: str, parent: str | None, max_model_len: int | None, created: int
+) -> dict[str, Any]:
+    return {
+        "id": model_id,
         "object": "model",
         "created": created,
         "owned_by": "vllm",
-        "root": ctx.model,
-        "parent": None,
-        "max_model_len": ctx.max_model_len,
+        "root": root,
+        "parent": parent,
+        "max_model_len": max_model_len,
         "permission": [
             {
                 "id": f"modelperm-{uuid.uuid4().hex[:16]}",
@@ -407,4 +417,3 @@ def models_response(ctx: Context) -> dict[str, Any]:
             }
         ],
     }
-    return {"object": "list", "data": [card]}

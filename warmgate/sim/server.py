@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -21,8 +22,11 @@ from typing import Any
 from warmgate import log as wglog
 from warmgate.httpserver import Request, Response, Server, start_server
 from warmgate.sim import api, compilecache, configline, requestlog, responses
+from warmgate.sim.control import LoraControl, SleepControl
 from warmgate.sim.engine import Engine, EngineRequest, SeqState, Update
 from warmgate.sim.generate import plan_sequence
+from warmgate.sim.group import LeaderGroup
+from warmgate.sim.lora import Adapters
 from warmgate.sim.metrics import CONTENT_TYPE, SimMetrics
 from warmgate.sim.settings import VERSION, SimSettings
 from warmgate.sim.tokenizer import Tokenizer
@@ -118,11 +122,16 @@ class Simulator:
             max_num_seqs=settings.max_num_seqs,
             max_num_batched_tokens=settings.max_num_batched_tokens,
             enable_chunked_prefill=settings.enable_chunked_prefill,
+            max_loras=settings.max_loras,
             on_compile=self._on_compile,
             on_finish=self._on_finish,
             on_iteration=self._on_iteration,
         )
-        self._metrics = SimMetrics(settings.model, self._engine)
+        self._metrics = SimMetrics(settings.model, self._engine, settings.max_model_len)
+        self._adapters = Adapters(settings.model, settings.enable_lora)
+        for name, path in settings.lora_modules:  # checked at start: each is a directory
+            self._adapters.add(name, path)
+        self._adapters_changed()
         self._server: Server | None = None
         self._phase = "loading"  # loading | serving | draining | stopping
         self._loaded_at = 0.0
@@ -132,6 +141,13 @@ class Simulator:
         self._idle.set()
         self._signalled = asyncio.Event()
         self._signals = 0
+        # A multi-node leader: its engine needs every worker of the group (sim/group.py).
+        self._group = (
+            LeaderGroup(settings.group_size, settings.host, settings.group_port, self._engine_lost)
+            if settings.group_size > 1
+            else None
+        )
+        self._engine_dead: str | None = None  # why, once a lost worker killed the engine
         self._routes: dict[str, tuple[str, Route]] = {
             "/health": ("GET", self._health),
             "/ping": ("GET", self._health),
@@ -144,6 +160,15 @@ class Simulator:
             "/v1/completions": ("POST", self._completions),
             "/v1/chat/completions": ("POST", self._chat),
         }
+        self._sleep = SleepControl(settings, self._engine, self._metrics)
+        if settings.dev_mode:  # vLLM registers its dev routes only in dev mode
+            self._routes["/sleep"] = ("POST", self._sleep.sleep)
+            self._routes["/wake_up"] = ("POST", self._sleep.wake_up)
+            self._routes["/is_sleeping"] = ("GET", self._sleep.is_sleeping)
+        if settings.runtime_lora_updating:
+            lora = LoraControl(settings, self._engine, self._adapters, self._adapters_changed)
+            self._routes["/v1/load_lora_adapter"] = ("POST", lora.load)
+            self._routes["/v1/unload_lora_adapter"] = ("POST", lora.unload)
 
     # -- process lifecycle ---------------------------------------------------------------
 
@@ -167,6 +192,8 @@ class Simulator:
             "starting", model=s.model, max_model_len=s.max_model_len,
             load_seconds=s.load_seconds, on_sigterm=s.on_sigterm, time_scale=s.time_scale,
         )  # fmt: skip
+        if self._group is not None and not await self._group.listen():
+            return 1
         if s.listen_early and not await self._listen():
             return 1
         if not await self._load():
@@ -189,6 +216,9 @@ class Simulator:
         # vLLM's engine core prints its whole config before it loads the weights.
         stamp = time.strftime("%m-%d %H:%M:%S")
         self._vllm_log(configline.line(self._s, os.getpid(), stamp))
+        # vLLM over Ray waits for its placement group (every worker) before loading.
+        if self._group is not None and not await self._group.wait_formed(self._signalled):
+            return False
         if self._s.crash_during_load:
             if await self._wait_signal(self._s.load_seconds / 2):
                 return False
@@ -309,7 +339,7 @@ class Simulator:
         self._metrics.observe_iteration(tokens)
 
     def _on_finish(self, request: EngineRequest, reason: str) -> None:
-        self._metrics.observe_finish(reason, request.cost_ms / 1000)
+        self._metrics.observe_finish(reason, request)
         if reason == "abort" and self._s.enable_log_requests and request.request_id:
             for line in requestlog.aborted(request.request_id, request.engine_id):
                 self._vllm_log(line)
@@ -335,6 +365,8 @@ class Simulator:
                 "cannot schedule new futures after shutdown", "InternalServerError", 500
             )
             return Response.json(body, 500)
+        if self._engine_dead is not None and request.path in _ENGINE_PATHS:
+            return self._dead()
         return await handler(request)
 
     def _loading(self, request: Request) -> Response:
@@ -345,6 +377,8 @@ class Simulator:
         return Response.json(body, 503)
 
     async def _health(self, request: Request) -> Response:
+        if self._engine_dead is not None:
+            return Response(503)
         up = time.monotonic() - self._loaded_at
         hang_after = self._s.hang_health_after
         if hang_after is not None and up >= hang_after:
@@ -361,7 +395,12 @@ class Simulator:
         return Response.json({"version": VERSION})
 
     async def _models(self, request: Request) -> Response:
-        return Response.json(responses.models_response(self._ctx))
+        adapters = [(a.name, a.path) for a in self._adapters.all()]
+        return Response.json(responses.models_response(self._ctx, adapters))
+
+    def _adapters_changed(self) -> None:
+        """Requests may name the adapters loaded now as their model."""
+        self._ctx = dataclasses.replace(self._ctx, adapters=self._adapters.names())
 
     async def _metrics_page(self, request: Request) -> Response:
         return Response(200, self._metrics.render(), content_type=CONTENT_TYPE)
@@ -425,6 +464,8 @@ class Simulator:
             finally:
                 if not handed_to_stream:
                     batch.cancel()  # no-op once finished; the client left otherwise
+            if self._engine_dead is not None:
+                return self._dead()
             build = responses.chat_response if gen.chat else responses.completion_response
             payload = build(gen, batch.results, ids, self._tok)
             if gen.chat and self._s.enable_log_outputs:
@@ -447,10 +488,14 @@ class Simulator:
         for job, (prompt, spec) in enumerate(zip(gen.prompts, gen.specs, strict=True)):
             seqs = [SeqState(plan_sequence(self._tok, prompt.ids, spec, i)) for i in range(gen.n)]
             request = EngineRequest(job, prompt.ids, seqs, gen.features, sink)
+            request.max_tokens = spec.max_tokens
             request.request_id = request_id if gen.chat else f"{request_id}-{job}"
             request.engine_id = requestlog.engine_id(request.request_id)
             if log_requests:
-                self._vllm_log(requestlog.received(request.request_id, spec, gen.n))
+                adapter = self._adapters.get(gen.lora) if gen.lora else None
+                lora = adapter.request_repr() if adapter else None
+                line = requestlog.received(request.request_id, gen.params, spec.max_tokens, lora)
+                self._vllm_log(line)
             self._engine.submit(request)
             if log_requests:
                 for child in range(gen.n) if gen.n > 1 else (None,):
@@ -478,6 +523,9 @@ class Simulator:
                 yield self._update_events(gen, batch, ids, update, texts)
             while not batch.finished:
                 yield self._update_events(gen, batch, ids, await batch.next_update(), texts)
+            if self._engine_dead is not None:
+                yield responses.sse(self._dead_body())
+                return
             if gen.chat and self._s.enable_log_outputs:
                 for index in range(gen.n):
                     self._vllm_log(
@@ -528,6 +576,19 @@ class Simulator:
                 if chunk["choices"][0]["finish_reason"] is not None:
                     chunk["system_fingerprint"] = responses.SYSTEM_FINGERPRINT
         return b"".join(responses.sse(chunk) for chunk in chunks)
+
+    def _engine_lost(self, why: str) -> None:
+        """A worker of the group is gone: the engine dies with it, its requests with it."""
+        self._engine_dead = why
+        self._log.error("engine_dead", reason=why, in_flight=self._in_flight)
+        self._engine.abort_all()
+
+    def _dead_body(self) -> dict[str, Any]:
+        message = f"EngineCore encountered an issue: {self._engine_dead}"
+        return api.error_body(message, "EngineDeadError", 500)
+
+    def _dead(self) -> Response:
+        return Response.json(self._dead_body(), 500)
 
     def _begin(self) -> None:
         self._in_flight += 1

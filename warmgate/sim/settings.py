@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -75,6 +76,15 @@ class SimSettings:
     slow: float = 0.0
     enable_log_requests: bool = False  # vLLM's request logging, line for line
     enable_log_outputs: bool = False
+    enable_sleep_mode: bool = False  # sleeping frees memory: waking costs time and reallocation
+    dev_mode: bool = False  # VLLM_SERVER_DEV_MODE: /sleep, /wake_up and /is_sleeping exist
+    enable_lora: bool = False
+    max_loras: int = 1  # distinct adapters in one batch
+    lora_modules: tuple[tuple[str, str], ...] = ()  # (name, path) loaded at start
+    runtime_lora_updating: bool = False  # VLLM_ALLOW_RUNTIME_LORA_UPDATING: the load routes
+    group_size: int = 1  # a multi-node leader: 1 + the workers it waits for (sim/group.py)
+    group_port: int = 6379  # where a leader's workers join (the Ray head's port)
+    group_leader: str | None = None  # a multi-node worker: the leader's HOST:PORT
 
     def __post_init__(self) -> None:
         _check(0 <= self.port < 65536, f"--port {self.port} is not a TCP port (0-65535)")
@@ -116,6 +126,45 @@ class SimSettings:
             self.hang_health_after is None or self.hang_health_after >= 0,
             "--hang-health-after must be >= 0",
         )
+        self._check_sleep_and_lora()
+        self._check_group()
+
+    def _check_sleep_and_lora(self) -> None:
+        _check(  # vLLM's ModelConfig: the CPU platform has no sleep mode
+            not self.enable_sleep_mode or self.profile != "cpu",
+            "--enable-sleep-mode: Sleep mode is not supported on current platform "
+            "(vLLM's CPU build refuses it; use --profile h100)",
+        )
+        _check(self.max_loras >= 1, "--max-loras must be at least 1")
+        names = [name for name, _ in self.lora_modules]
+        _check(
+            not names or self.enable_lora,
+            "--lora-modules needs --enable-lora (vLLM: LoRA is not enabled. "
+            "Use --enable-lora to enable LoRA.)",
+        )
+        _check(
+            len(set(names)) == len(names),
+            f"--lora-modules: each name once (got {', '.join(names)})",
+        )
+        _check(
+            self.model not in names,
+            f"--lora-modules {self.model}: conflicts with the served model's name",
+        )
+
+    def _check_group(self) -> None:
+        _check(self.group_size >= 1, f"--group-size {self.group_size} must be at least 1")
+        _check(0 <= self.group_port < 65536, f"--group-port {self.group_port} is not a TCP port")
+        _check(
+            self.group_leader is None or self.group_size == 1,
+            "--group-leader (a worker) and --group-size (a leader) exclude each other",
+        )
+        if self.group_leader is not None:
+            from warmgate.sim.group import parse_address
+
+            try:
+                parse_address(self.group_leader)
+            except ValueError as exc:
+                raise SettingsError(str(exc)) from None
 
     def _check_budget(self) -> None:
         """vLLM's SchedulerConfig.verify_max_model_len, as one line naming the flags."""
@@ -154,6 +203,20 @@ def scheduler_limits(
         budget = max(budget, max_model_len)  # a whole prompt must fit in one step
     # vLLM keeps a default budget within what max_num_seqs full contexts could use.
     return seqs, min(budget, seqs * max_model_len)
+
+
+def vllm_env(environ: Mapping[str, str]) -> tuple[bool, bool]:
+    """(VLLM_SERVER_DEV_MODE, VLLM_ALLOW_RUNTIME_LORA_UPDATING), parsed as vllm/envs.py
+    does: the first as an integer, the second as 1 or true."""
+    dev = environ.get("VLLM_SERVER_DEV_MODE", "0")
+    try:
+        dev_mode = bool(int(dev))
+    except ValueError:
+        raise SettingsError(
+            f"VLLM_SERVER_DEV_MODE={dev!r} must be an integer (0 or 1), as vLLM reads it"
+        ) from None
+    runtime = environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "0").strip().lower()
+    return dev_mode, runtime in ("1", "true")
 
 
 def _check(ok: bool, message: str) -> None:
