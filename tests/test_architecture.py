@@ -19,6 +19,9 @@ CORE = {
     "servers",
     "engineconfig",
     "latency",
+    "group",
+    "adapters",
+    "profile",
 }
 # What a pure module must not touch: sockets, processes, threads, clocks of the event loop,
 # and the libraries that wrap them.
@@ -41,7 +44,9 @@ IO_MODULES = {
     "structlog",
     "typer",
 }
-SUPERVISOR_ONLY = {"supervisor", "gate", "runargs", "cli", "worker", "warmup", "oneshot"}
+SUPERVISOR_ONLY = {
+    *("supervisor", "gate", "member", "runargs", "cli", "worker", "warmup", "oneshot"),
+}
 
 
 def _imports(path: Path) -> tuple[set[str], set[str]]:

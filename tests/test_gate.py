@@ -450,6 +450,7 @@ def test_readme_metrics_table_lists_what_metrics_serves() -> None:
             cache_bytes=MappingProxyType({"start": 1}),
             quarantined=MappingProxyType({"seed": 3}),
             cold=MappingProxyType({"greedy": 1}),
+            adapters=MappingProxyType({"warm": 1}),
         )
 
     meter = Metrics(lambda: Full())

@@ -12,6 +12,8 @@ from warmgate.errors import Ending
 from warmgate.lifecycle import (
     ALLOWED,
     Action,
+    AdapterPending,
+    AdapterWarmed,
     ChildExited,
     ChildSpawned,
     Decision,
@@ -24,6 +26,7 @@ from warmgate.lifecycle import (
     OnWarmupFailure,
     Phase,
     Sigterm,
+    Sleep,
     StopAsked,
     WarmupFinished,
 )
@@ -416,3 +419,149 @@ def test_an_engine_that_dies_while_loading_or_serving_ends_with_its_status() -> 
         life = at(phase)
         life.handle(ChildExited(0), 50.0)
         assert life.phase is P.FAILED and life.ending == Ending("child_exited", 0)
+
+
+# --- sleep and wake, runtime LoRA adapters -------------------------------------------------
+
+
+def asleep(unhealthy_threshold: int = 3) -> Lifecycle:
+    life = at(P.READY, unhealthy_threshold=unhealthy_threshold)
+    d = life.handle(Sleep(True), 50.0)
+    assert (d.phase, d.changed, d.actions) == (P.SLEEPING, True, ())
+    return life
+
+
+def test_sleep_is_503_on_ready_only_and_wake_rewarms_then_ready() -> None:
+    life = asleep()
+    assert (life.ready_ok(), life.live_ok(1e6), life.startup_ok()) == (False, True, True)
+    assert life.handle(Sleep(True), 51.0) == Decision(P.SLEEPING)  # the next poll: same
+    d = life.handle(Sleep(False), 52.0)
+    assert (d.phase, d.changed, d.actions) == (P.REWARMING, True, (A.START_REWARM,))
+    assert (life.ready_ok(), life.live_ok(1e6), life.startup_ok()) == (False, True, True)
+    assert life.handle(Sleep(False), 53.0) == Decision(P.REWARMING)
+    d = life.handle(WarmupFinished(ok=True), 54.0)
+    assert (d.phase, d.changed, d.actions) == (P.READY, True, ())
+    assert life.ready_ok() and life.ready_since == 30.0 and life.wakes == 1
+    assert [t.phase for t in life.transitions][-3:] == [P.SLEEPING, P.REWARMING, P.READY]
+    assert life.seconds_per_phase(55.0)["sleeping"] == 2.0
+
+
+def test_a_failed_rewarm_still_ends_ready() -> None:
+    life = asleep()
+    life.handle(Sleep(False), 52.0)
+    d = life.handle(WarmupFinished(ok=False, detail="HTTP 500"), 53.0)
+    assert (d.phase, d.actions) == (P.READY, ())
+    assert "HTTP 500" in d.note and life.ending is None and life.failure is None
+
+
+def test_sleep_before_ready_means_nothing() -> None:
+    for phase in (P.LOADING, P.WARMING):
+        life = at(phase)
+        assert not life.after_ready()
+        assert life.handle(Sleep(True), 50.0) == Decision(phase)
+    assert at(P.READY).after_ready()
+
+
+def test_sleeping_again_mid_rewarm_cancels_it_and_a_late_report_is_ignored() -> None:
+    life = asleep()
+    life.handle(Sleep(False), 52.0)
+    d = life.handle(Sleep(True), 53.0)
+    assert (d.phase, d.actions) == (P.SLEEPING, (A.CANCEL_WARMUP,))
+    assert life.handle(WarmupFinished(ok=True), 54.0) == Decision(P.SLEEPING)
+
+
+def test_sleep_from_unhealthy_and_health_failing_while_asleep_changes_nothing() -> None:
+    life = at(P.READY, unhealthy_threshold=1)
+    life.handle(HealthFailed(), 40.0)
+    assert life.phase is P.UNHEALTHY
+    assert life.handle(Sleep(True), 41.0).phase is P.SLEEPING
+    for t in range(5):
+        assert life.handle(HealthFailed(), 42.0 + t) == Decision(P.SLEEPING)
+    assert life.live_ok(1e9)  # no unhealthy grace runs while asleep
+
+
+def test_health_failing_mid_rewarm_cancels_it_and_recovery_rewarms_again() -> None:
+    life = asleep(unhealthy_threshold=2)
+    life.handle(Sleep(False), 52.0)
+    assert life.handle(HealthFailed(), 53.0) == Decision(P.REWARMING)
+    d = life.handle(HealthFailed("503"), 54.0)
+    assert (d.phase, d.actions) == (P.UNHEALTHY, (A.CANCEL_WARMUP,))
+    assert life.handle(WarmupFinished(ok=False), 54.5) == Decision(P.UNHEALTHY)  # late report
+    d = life.handle(HealthOk(), 55.0)
+    assert (d.phase, d.actions) == (P.REWARMING, (A.START_REWARM,))
+    assert life.handle(WarmupFinished(ok=True), 56.0).phase is P.READY
+    assert life.handle(HealthFailed(), 57.0).phase is P.READY  # the count starts again
+
+
+@pytest.mark.parametrize(
+    ("wake", "actions"),
+    [(False, (A.START_DRAIN,)), (True, (A.CANCEL_WARMUP, A.START_DRAIN))],
+)
+def test_sigterm_while_asleep_or_rewarming_drains_as_from_ready(
+    wake: bool, actions: tuple[Action, ...]
+) -> None:
+    life = asleep()
+    if wake:
+        life.handle(Sleep(False), 52.0)
+    d = life.handle(Sigterm(), 60.0)
+    assert (d.phase, d.actions) == (P.DRAINING, actions)
+    assert life.handle(Sleep(False), 61.0) == Decision(P.DRAINING)
+    assert life.handle(DrainDone(), 62.0).actions == (A.FORWARD_SIGTERM,)
+    assert life.handle(ChildExited(0), 63.0).phase is P.STOPPED
+    assert life.ending == Ending("stopped", 0)
+
+
+def test_stop_signal_or_crash_while_rewarming_cancels_it() -> None:
+    life = asleep()
+    life.handle(Sleep(False), 52.0)
+    assert life.handle(StopAsked("SIGINT"), 53.0).actions == (A.CANCEL_WARMUP,)
+    life = asleep()
+    life.handle(Sleep(False), 52.0)
+    d = life.handle(ChildExited(137, signal.SIGKILL), 53.0)
+    assert (d.phase, d.actions) == (P.FAILED, (A.CANCEL_WARMUP, A.EXIT))
+    assert life.startup_failure is None and life.ending == Ending("child_killed", 137)
+
+
+def test_a_crash_while_asleep_is_the_childs_status() -> None:
+    life = asleep()
+    d = life.handle(ChildExited(3), 53.0)
+    assert (d.phase, d.actions) == (P.FAILED, (A.EXIT,))
+    assert life.ending is not None and life.ending.code == 3
+
+
+def test_adapters_warm_one_at_a_time_and_only_while_ready() -> None:
+    life = at(P.WARMING)
+    assert life.handle(AdapterPending(), 25.0) == Decision(P.WARMING)
+    life.handle(WarmupFinished(ok=True), 30.0)
+    d = life.handle(AdapterPending(), 40.0)
+    assert (d.phase, d.changed, d.actions) == (P.READY, False, (A.START_ADAPTER_WARMUP,))
+    assert life.handle(AdapterPending(), 41.0) == Decision(P.READY)  # one runs already
+    assert life.handle(AdapterWarmed(), 42.0) == Decision(P.READY)
+    assert life.handle(AdapterPending(), 43.0).actions == (A.START_ADAPTER_WARMUP,)
+
+
+@pytest.mark.parametrize(
+    ("event", "phase", "actions"),
+    [
+        (Sleep(True), P.SLEEPING, (A.STOP_ADAPTER_WARMUP,)),
+        (HealthFailed(), P.UNHEALTHY, (A.STOP_ADAPTER_WARMUP,)),
+        (Sigterm(), P.DRAINING, (A.STOP_ADAPTER_WARMUP, A.START_DRAIN)),
+        (ChildExited(1), P.FAILED, (A.STOP_ADAPTER_WARMUP, A.EXIT)),
+    ],
+)
+def test_leaving_ready_stops_the_adapter_warmup(
+    event: Event, phase: Phase, actions: tuple[Action, ...]
+) -> None:
+    life = at(P.READY, unhealthy_threshold=1)
+    life.handle(AdapterPending(), 40.0)
+    d = life.handle(event, 41.0)
+    assert (d.phase, d.actions) == (phase, actions)
+    assert not life.adapter_warming
+    assert life.handle(AdapterWarmed(), 42.0) == Decision(phase)  # the stopped one reporting
+
+
+def test_every_new_move_is_in_the_table() -> None:
+    assert P.SLEEPING in ALLOWED[P.READY] and P.SLEEPING in ALLOWED[P.UNHEALTHY]
+    assert ALLOWED[P.SLEEPING] == {P.REWARMING, P.DRAINING, P.FAILED}
+    assert P.READY in ALLOWED[P.REWARMING] and P.WARMING not in ALLOWED[P.SLEEPING]
+    assert P.REWARMING in ALLOWED[P.UNHEALTHY]

@@ -147,6 +147,12 @@ def _compile_relevant(command: Sequence[str]) -> list[str]:
     return kept
 
 
+def served_args(command: Sequence[str]) -> list[str]:
+    """The command's arguments less where it listens, its API key and its logging: what
+    the traffic profile is keyed by (warmgate.profilestore), without the cache key or GPU."""
+    return _compile_relevant(command)
+
+
 def prepare(
     cache_dir: Path,
     cache_key: str | None,

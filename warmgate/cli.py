@@ -172,6 +172,78 @@ def bench(ctx: typer.Context, **_: Any) -> int:
     return bench_main(**ctx.params)
 
 
+profile_app = typer.Typer(
+    help="The traffic profile learned after Ready under --cache-dir: show, export, import.",
+    no_args_is_help=True,
+)
+app.add_typer(profile_app, name="profile")
+_CacheDir = Annotated[
+    Path,
+    typer.Option(envvar="WARMGATE_CACHE_DIR", help="The volume `warmgate run --cache-dir` uses."),
+]
+_Key = Annotated[
+    str | None,
+    typer.Option(help="The profile key (model and served arguments); default: the only one."),
+]
+
+
+@profile_app.command("show")
+def profile_show(
+    cache_dir: _CacheDir,
+    key: _Key = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The merged profile as JSON.")] = False,
+) -> int:
+    """Print the merged profile of every pod: combinations most frequent first, lengths, concurrency."""
+    import json
+    import time
+
+    from warmgate.profile import render
+    from warmgate.profilestore import load_for_command
+
+    found = load_for_command(cache_dir, key)
+    print(json.dumps(found.to_json(), indent=1) if as_json else render(found, time.time()), end="")
+    return 0
+
+
+@profile_app.command("export")
+def profile_export(
+    cache_dir: _CacheDir,
+    key: _Key = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write here; default: stdout.")
+    ] = None,
+) -> int:
+    """Write the profile as a --plan TOML file (mode = "extend") to review, commit or replay."""
+    from warmgate.profile import to_plan_toml
+    from warmgate.profilestore import load_for_command
+
+    text = to_plan_toml(load_for_command(cache_dir, key))
+    if output is None:
+        print(text, end="")
+        return 0
+    try:
+        output.write_text(text)
+    except OSError as exc:
+        raise WarmgateError(f"--output {output}: {exc.strerror or exc}") from None
+    return 0
+
+
+@profile_app.command("import")
+def profile_import(
+    file: Annotated[Path, typer.Argument(help="A profile file: a pod's, or `show --json`.")],
+    cache_dir: _CacheDir,
+    key: Annotated[
+        str | None, typer.Option(help="File it under this key; default: the file's own.")
+    ] = None,
+) -> int:
+    """Merge a profile file into --cache-dir, so that the next start of that deployment warms from it."""
+    from warmgate.profilestore import import_profile
+
+    path = import_profile(cache_dir, file, key)
+    print(f"imported {file} into {path}")
+    return 0
+
+
 def _register_sim() -> None:
     from warmgate.sim.cli import sim_command
 

@@ -14,7 +14,7 @@ from warmgate.options import OnWarmupFailure
 
 if TYPE_CHECKING:  # the plan module loads after the child is spawned
     from warmgate.engineconfig import EngineConfig
-    from warmgate.plan import PlanFileSpec
+    from warmgate.plan import PlanFileSpec, ShapeSpec
 
 # Every default is the option table's (warmgate/options.py); so is every check.
 _DEFAULT = options.DEFAULTS
@@ -46,6 +46,12 @@ class WarmupSettings:
     # time.monotonic() when the budget started (the gate saw health; CLOCK_MONOTONIC is one
     # clock for every process of the host); None: when the warm-up itself starts.
     budget_from: float | None = None
+    # Not options either: which plan after Ready (warmgate.plan.rewarm_plan, adapter_plan).
+    rewarm: bool = False  # the short re-warm after the engine woke from sleep
+    adapter: str | None = None  # a LoRA adapter loaded at run time, warmed alone
+    # The traffic profile's shapes (warmgate.profile.plan_specs), planned first; not an option.
+    profile: tuple[ShapeSpec, ...] = ()
+    profile_requests: int = 0  # the client requests the profile counted
 
     def budget_seconds(self, healthy_after: float | None) -> float:
         """The warm-up budget: --warmup-budget, or auto = max(30 s, a quarter of the time
@@ -71,9 +77,11 @@ class RunSettings:
     # warm-up mode
     warmup: WarmupSettings = field(default_factory=WarmupSettings)
     no_warmup: bool = _DEFAULT["no_warmup"]
+    leader: str | None = _DEFAULT["leader"]  # worker mode: the leader's probe server URL
     host: str = _DEFAULT["host"]
     port: int = _DEFAULT["port"]
     health_interval: float = _DEFAULT["health_interval"]
+    adapter_interval: float = _DEFAULT["adapter_interval"]
     startup_timeout: float = _DEFAULT["startup_timeout"]
     on_warmup_failure: OnWarmupFailure = _DEFAULT["on_warmup_failure"]
     unhealthy_threshold: int = _DEFAULT["unhealthy_threshold"]
@@ -86,6 +94,7 @@ class RunSettings:
     # compile caches that survive restarts
     cache_dir: Path | None = _DEFAULT["cache_dir"]
     cache_key: str | None = _DEFAULT["cache_key"]
+    profile_interval: float = _DEFAULT["profile_interval"]  # the traffic profile (0: off)
 
     def __post_init__(self) -> None:
         if not self.command:

@@ -18,16 +18,21 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import signal
 import socket
 import sys
 import time
+import uuid
 from collections.abc import Callable, Coroutine, Mapping, Sequence, Set
 from types import MappingProxyType
 from typing import Any, assert_never
 from urllib.parse import urlsplit
 
-from warmgate import engineconfig, inflight, log, plan, probe, process, servers
+import httpx
+
+from warmgate import engineconfig, inflight, log, plan, probe, process, profile, servers, traffic
+from warmgate.adapters import AdapterBook
 from warmgate.cache import CacheReport, quarantine_path, read_quarantine, write_quarantine
 from warmgate.childlog import EngineConfigScanner, JitScanner
 from warmgate.config import RunSettings, WarmupSettings
@@ -46,6 +51,8 @@ from warmgate.errors import Ending
 from warmgate.lifecycle import (
     ENGINE_DIED,
     Action,
+    AdapterPending,
+    AdapterWarmed,
     ChildExited,
     ChildSpawned,
     Decision,
@@ -56,11 +63,13 @@ from warmgate.lifecycle import (
     Lifecycle,
     Phase,
     Sigterm,
+    Sleep,
     StopAsked,
     WarmupFinished,
 )
+from warmgate.profilestore import ProfileStore, pod_name, profile_key
 from warmgate.telemetry import Counters, Metrics, gpus, process_tree_rss
-from warmgate.upstream import Upstream
+from warmgate.upstream import Upstream, UpstreamError
 from warmgate.warmup import Progress, summary_table
 from warmgate.worker import Worker
 
@@ -105,6 +114,8 @@ class Gate:
             upstream_url, api_key=api_key, timeout=settings.warmup.request_timeout
         )
         self.started_mono, self.started_wall = time.monotonic(), time.time()
+        # Workers (--leader) tell a restarted leader by it: a new Ray head, a group to rejoin.
+        self.boot_id = uuid.uuid4().hex
         self.life = Lifecycle(
             self.started_mono,
             unhealthy_threshold=settings.unhealthy_threshold,
@@ -126,8 +137,12 @@ class Gate:
         self.drain: DrainPolicy | None = None
         self.health_failures = 0  # all failed health checks, for /metrics
         self.cache = cache
+        self.learner = _learner(settings)  # the traffic profile (--cache-dir); None: off
         self.quarantined: list[dict[str, Any]] = []  # the cache key's quarantine records
         self.died_in: list[dict[str, Any]] = []  # the shapes in flight when the engine died
+        self.rewarm = Progress()  # the latest re-warm after a wake-up
+        self.rewarm_s: float | None = None  # how long it took
+        self.adapters = AdapterBook()  # LoRA adapters loaded at run time
         self._exited: asyncio.Future[int] | None = None
         self._host = _HostReadings()
         self._log = log.get()
@@ -155,6 +170,7 @@ class Gate:
         ]
         status = {
             "mode": "warmup",
+            "boot_id": self.boot_id,
             **status,
             "upstream": self.upstream_url,
             "models": self.progress.models,
@@ -174,6 +190,13 @@ class Gate:
             "warnings": self.progress.warnings,
             "engine_died": {"shapes": self.died_in, "note": CRASH_NOTE} if self.died_in else None,
             "quarantined": self.quarantined,
+            "profile": self.learner.status(time.time()) if self.learner is not None else None,
+            "rewarm": {
+                "wakes": life.wakes,
+                "seconds": self.rewarm_s,
+                "shapes": [r.as_dict() for r in self.rewarm.results],
+            },
+            "adapters": self.adapters.as_status(self.started_mono),
         }
         drain = self.drain.state if self.drain is not None else None
         counters = Counters(
@@ -187,6 +210,7 @@ class Gate:
             cold=MappingProxyType(
                 _count_by_feature([r.key.as_dict() for r in self.progress.cold()])
             ),
+            adapters=MappingProxyType(self.adapters.counts()),
         )
         return probe.ProbeSnapshot(
             phase=life.phase.value,
@@ -214,6 +238,8 @@ class Gate:
             self.requests.feed(stream, data)
         if self.cache is not None:
             self.cache.engine.feed(stream, data)
+        if self.learner is not None:
+            self.learner.requests.feed(stream, data)
 
     # --- events in, actions out ---------------------------------------------------------
 
@@ -233,6 +259,9 @@ class Gate:
                 self._spawn("child", self._watch_child(exited))
                 self._spawn("health", self._poll_health())
                 self._spawn("readings", self._take_readings())
+                self._spawn("sleep", self._poll_sleep())
+                if self.settings.adapter_interval > 0:
+                    self._spawn("adapters", self._poll_adapters())
         finally:
             server.stop()
             await self.upstream.aclose()
@@ -256,8 +285,11 @@ class Gate:
         if decision.changed:
             reason = self.life.transitions[-1].reason
             self._log.info("phase", phase=decision.phase.value, reason=reason)
-            self.jit.ready = self.life.startup_ok()
+            # A re-warm's own compiles are not misses: no client is let in meanwhile.
+            self.jit.ready = self.life.startup_ok() and decision.phase is not Phase.REWARMING
             self.publish()  # before acting: /ready says 503 before the child hears SIGTERM
+            if decision.phase is Phase.READY:
+                self._start_learning()
         elif decision.note:
             self._log.info("lifecycle", phase=decision.phase.value, note=decision.note)
         for action in decision.actions:
@@ -270,6 +302,12 @@ class Gate:
                 self._spawn("warmup", self._warm_up())
             case Action.CANCEL_WARMUP:
                 self._cancel("warmup")
+            case Action.START_REWARM:
+                self._spawn("warmup", self._rewarm())
+            case Action.START_ADAPTER_WARMUP:
+                self._spawn("adapter", self._warm_adapter())
+            case Action.STOP_ADAPTER_WARMUP:
+                self._cancel("adapter")
             case Action.START_DRAIN:
                 self._start_drain()
             case Action.SKIP_DRAIN:
@@ -341,6 +379,7 @@ class Gate:
         began = time.monotonic()
         await self._measure_cache("healthy")
         await self._read_quarantine()
+        await self._load_profile()
         self.progress = Progress(self.meter.observe)
         try:
             async with asyncio.timeout(settings.warmup_timeout):
@@ -353,8 +392,7 @@ class Gate:
         else:
             self._warmup_done(True, "")
         finally:
-            if self.requests is not None:  # every warm-up request has ended by now
-                self.requests.forget(WARMUP_ID_MARK)
+            self._forget_warmup_ids()
             self._summarise(time.monotonic() - began)
             await self._measure_cache("warm")
 
@@ -371,6 +409,7 @@ class Gate:
         healthy_after = time.monotonic() - self.started_mono
         self.budget_s = settings.budget_seconds(healthy_after)
         self._log.info("engine_config", **self.engine.as_dict())
+        found = self.learner.loaded if self.learner is not None else None
         self._log.info(
             "warmup_budget",
             budget_s=round(self.budget_s, 1),
@@ -385,17 +424,21 @@ class Gate:
             engine=self.engine,
             warmup_budget=self.budget_s,
             budget_from=began,
+            profile=self._profile_specs(settings),
+            profile_requests=found.requests if found is not None else 0,
         )
 
-    async def _run_worker(self, settings: WarmupSettings) -> None:
-        """The warm-up runs in a worker process (warmgate.worker); its events land here."""
+    async def _run_worker(self, settings: WarmupSettings, progress: Progress | None = None) -> None:
+        """The warm-up runs in a worker process (warmgate.worker); its events land in
+        `progress` (the start-up warm-up's when None)."""
+        progress = progress or self.progress
         self.publish()
         keys = [k for r in self.quarantined if (k := plan.ShapeKey.from_dict(r)) is not None]
         worker = Worker.spawn()
         self._log.info("warmup_worker", pid=worker.pid)
         async with contextlib.aclosing(worker.run(settings, keys)) as events:
             async for event in events:
-                self.progress.handle(event)
+                progress.handle(event)
 
     async def _measure_cache(self, when: str) -> None:
         """Size the compile cache off the event loop (a walk of a few GB takes a while)."""
@@ -523,6 +566,160 @@ class Gate:
             self._log.error("warmup_failed", error=detail, policy=self.settings.on_warmup_failure)
         self.apply(WarmupFinished(ok, detail))
 
+    # --- after Ready: sleep and wake, runtime LoRA adapters --------------------------------
+
+    async def _poll_sleep(self) -> None:
+        """After Ready, the upstream's sleep state at the health interval (vLLM's dev-mode
+        GET /is_sleeping). A server without it (404/405) is not asked again."""
+        interval = self.settings.health_interval
+        timeout = min(5.0, max(1.0, 4 * interval))
+        while True:
+            await asyncio.sleep(interval)
+            if not self.life.after_ready():
+                continue
+            match await self.upstream.is_sleeping(timeout):
+                case "absent":
+                    self._log.debug("sleep_mode", note="no /is_sleeping upstream: not polled")
+                    return
+                case "sleeping" | "awake" as answer:
+                    self.apply(Sleep(answer == "sleeping"))
+                case "unknown":
+                    pass  # health polls judge an upstream that does not answer
+
+    async def _rewarm(self) -> None:
+        """The short plan after a wake-up (plan.rewarm_plan), then WarmupFinished."""
+        began = time.monotonic()
+        self.rewarm = Progress(self.meter.observe)
+        settings = self._after_ready_settings(rewarm=True)
+        self._log.info("rewarm", wakes=self.life.wakes)
+        try:
+            async with asyncio.timeout(settings.warmup_timeout):
+                await self._run_worker(settings, self.rewarm)
+        except TimeoutError:
+            ok, detail = False, f"--warmup-timeout {settings.warmup_timeout:g} s reached"
+        except Exception as exc:  # the lifecycle serves anyway; the log says why
+            ok, detail = False, str(exc) or type(exc).__name__
+        else:
+            ok, detail = True, ""
+        finally:
+            self._forget_warmup_ids()
+        self.rewarm_s = round(time.monotonic() - began, 3)
+        emit = self._log.info if ok else self._log.warning
+        emit("rewarm_done", ms=round(self.rewarm_s * 1000), shapes=len(self.rewarm.results),
+             ok=ok, error=detail or None)  # fmt: skip
+        self.apply(WarmupFinished(ok, detail))
+
+    async def _poll_adapters(self) -> None:
+        """After Ready, /v1/models every --adapter-interval: adapters new there are warmed
+        one at a time while Ready (the lifecycle says when, with START_ADAPTER_WARMUP)."""
+        while True:
+            await asyncio.sleep(self.settings.adapter_interval)
+            if not self.life.after_ready():
+                continue
+            try:
+                served = await self.upstream.models()
+            except (httpx.HTTPError, UpstreamError) as exc:
+                self._log.debug("adapters_unread", error=str(exc) or type(exc).__name__)
+                continue
+            listed = {m.id: m.parent for m in served if m.parent is not None}
+            at_startup = {r.model for r in self.progress.warmed()}
+            if new := self.adapters.served(listed, time.monotonic(), at_startup):
+                self._log.info("adapters_seen", adapters=new)
+                self.publish()
+            if self.adapters.next_pending() is not None:
+                self.apply(AdapterPending())
+
+    async def _warm_adapter(self) -> None:
+        """Warm the next pending adapter with its short plan (plan.adapter_plan), one
+        request at a time; AdapterWarmed after, and the next one if another waits."""
+        name = self.adapters.next_pending()
+        if name is None:
+            self.apply(AdapterWarmed())
+            return
+        began = time.monotonic()
+        self.adapters.started(name)
+        self.publish()
+        settings = self._after_ready_settings(adapter=name, models=(name,), concurrency=(1,))
+        progress = Progress(self.meter.observe)
+        error: str | None = None
+        try:
+            async with asyncio.timeout(settings.warmup_timeout):
+                await self._run_worker(settings, progress)
+        except asyncio.CancelledError:
+            self.adapters.stopped(name)  # Ready was left: warmed again once back
+            self._log.info("adapter_warmup", adapter=name, state="pending", note="Ready left")
+            raise
+        except TimeoutError:
+            error = f"--warmup-timeout {settings.warmup_timeout:g} s reached"
+        except Exception as exc:  # the adapter stays cold; the pod serves on
+            error = str(exc) or type(exc).__name__
+        finally:
+            self._forget_warmup_ids()
+        self.adapters.finished(name, time.monotonic(), error)
+        emit = self._log.info if error is None else self._log.warning
+        emit("adapter_warmup", adapter=name, state="warm" if error is None else "failed",
+             ms=round((time.monotonic() - began) * 1000), shapes=len(progress.results),
+             error=error)  # fmt: skip
+        self.apply(AdapterWarmed())
+        if self.adapters.next_pending() is not None:
+            self.apply(AdapterPending())
+
+    def _after_ready_settings(self, **changes: Any) -> WarmupSettings:
+        """The start-up warm-up's settings and what it learned (engine, budget), for a
+        warm-up after Ready; its budget counts from its own start."""
+        return dataclasses.replace(
+            self.settings.warmup,
+            upstream=self.upstream_url,
+            api_key=self._api_key,
+            engine=self.engine,
+            warmup_budget=self.budget_s,
+            budget_from=None,
+            **changes,
+        )
+
+    def _forget_warmup_ids(self) -> None:
+        if self.requests is not None:  # every warm-up request has ended by now
+            self.requests.forget(WARMUP_ID_MARK)
+
+    # --- the traffic profile (warmgate.traffic): learned after Ready, planned first ---------
+
+    async def _load_profile(self) -> None:
+        """Every pod's profile of this deployment, read once, before the first plan."""
+        if self.learner is None or self.learner.loaded is not None:
+            return
+        await asyncio.to_thread(self.learner.load)
+        for warning in self.learner.load_warnings:
+            self._log.warning("profile", note=warning)
+        if (found := self.learner.loaded) is not None:
+            self._log.info("profile_loaded", **found.summary(time.time()))
+        self.publish()
+
+    def _profile_specs(self, settings: WarmupSettings) -> tuple[plan.ShapeSpec, ...]:
+        found = self.learner.loaded if self.learner is not None else None
+        if found is None:
+            return settings.profile
+        cap = settings.max_inflight_tokens or (self.engine.step_budget if self.engine else None)
+        return profile.plan_specs(found, max_prompt_tokens=1 << 30, max_inflight_tokens=cap)
+
+    def _start_learning(self) -> None:
+        """At Ready (the first time): learn what clients send from now on."""
+        if self.learner is None or "profile" in self._tasks or self.learner.requests.learning:
+            return
+        if not traffic.logs_requests(self.settings.command):
+            self._log.warning(
+                "profile",
+                note="the engine does not log requests: start vLLM with --enable-log-requests "
+                "(and --enable-log-outputs, for streaming) to learn a traffic profile",
+            )
+        self._spawn("profile", self._profile_guard(self.learner.learn(self.upstream)))
+
+    async def _profile_guard(self, work: Coroutine[Any, Any, None]) -> None:
+        """The profile is an aid: a failure of its own is a warning, never the pod's end."""
+        try:
+            await work
+        except Exception as exc:
+            self._log.warning("profile", error=str(exc) or type(exc).__name__)
+
     # --- the drain: the policy decides, these carry it out -------------------------------
 
     def _start_drain(self) -> None:
@@ -534,6 +731,9 @@ class Gate:
             "drain", phase="draining", deadline_s=settings.drain_deadline, min_s=settings.drain_min
         )
         self._spawn("drain", self._poll_drain())
+        if self.learner is not None and self.learner.requests.learning:
+            self._cancel("profile")  # the last write: what the pod learned up to the drain
+            self._spawn("profile_save", self._profile_guard(self.learner.save(self.upstream)))
 
     async def _poll_drain(self) -> None:
         """Read the upstream's requests in flight until the drain policy says it is over;
@@ -640,6 +840,20 @@ class Gate:
 
     def _wall(self, mono: float) -> float:
         return round(self.started_wall + (mono - self.started_mono), 3)
+
+
+def _learner(settings: RunSettings) -> traffic.Learner | None:
+    """The traffic profile's learner: with --cache-dir and --profile-interval above 0."""
+    if settings.cache_dir is None or settings.profile_interval <= 0:
+        return None
+    store = ProfileStore(
+        settings.cache_dir.absolute(),
+        profile_key(settings.command),
+        pod_name(os.environ),
+    )
+    return traffic.Learner(
+        store, inflight.logs_request_ends(settings.command), settings.profile_interval
+    )
 
 
 def _count_by_feature(records: Sequence[Mapping[str, Any]]) -> dict[str, int]:

@@ -15,6 +15,13 @@ table).
     warming --WarmupFinished(ok=False), policy "fail"--> failed (warmup_failed, 70)
     warming --ChildExited--> failed (engine_died_during_warmup: the child's code, or 70)
     loading|ready|unhealthy --ChildExited--> failed (the child's status)
+    ready|unhealthy --Sleep(True)--> sleeping --Sleep(False)--> rewarming (START_REWARM)
+    unhealthy --HealthOk--> rewarming when a re-warm was cut short (START_REWARM)
+    rewarming --WarmupFinished--> ready (ok or not: the engine is awake and was serving)
+    rewarming --Sleep(True)--> sleeping (CANCEL_WARMUP)
+    rewarming --HealthFailed x threshold--> unhealthy (CANCEL_WARMUP)
+    sleeping|rewarming --Sigterm--> draining, as from ready (START_DRAIN)
+    sleeping|rewarming --ChildExited--> failed (the child's status)
 
 Every phase change is checked against `ALLOWED` below, the one table of legal moves.
 
@@ -35,6 +42,17 @@ Choices worth knowing:
   once it has exited.
 - A stop decided before ChildSpawned (a SIGTERM racing the spawn) is carried out
   when ChildSpawned arrives: that Decision says FORWARD_SIGTERM.
+- `sleeping` is the upstream's own sleep mode (vLLM's /sleep, reported by /is_sleeping):
+  /ready 503, /live 200, /startup stays true. After wake-up the first step of each batch
+  size pays a reallocation, so `rewarming` runs a short plan before Ready; a separate
+  phase because its failure or a crash in it is not a failed startup (no exit 70), and a
+  SIGTERM in it drains as from Ready. Health failing in `sleeping` changes nothing: a
+  sleeping engine that still answers is what sleep looks like, and one that died exits.
+- Runtime LoRA adapters are warmed one at a time, in the background, only while Ready:
+  AdapterPending answers START_ADAPTER_WARMUP when none runs, AdapterWarmed says it
+  ended. Leaving `ready` for any phase stops one that runs (STOP_ADAPTER_WARMUP): its
+  requests would hold up a drain or a sleep, and a re-warm or an unhealthy engine comes
+  first; the gate asks again once Ready.
 - Plain-init mode (no upstream, warmgate only as tini) has no Lifecycle: the supervisor
   simply does not create one.
 
@@ -55,6 +73,8 @@ from warmgate.options import DEFAULTS, ON_WARMUP_FAILURE, OnWarmupFailure
 __all__ = [
     "ALLOWED",
     "Action",
+    "AdapterPending",
+    "AdapterWarmed",
     "ChildExited",
     "ChildSpawned",
     "Decision",
@@ -67,6 +87,7 @@ __all__ = [
     "OnWarmupFailure",
     "Phase",
     "Sigterm",
+    "Sleep",
     "StopAsked",
     "Transition",
     "WarmupFinished",
@@ -79,6 +100,8 @@ class Phase(StrEnum):
     WARMING = "warming"  # upstream healthy; warm-up plan running
     READY = "ready"  # warm; /ready answers 200
     UNHEALTHY = "unhealthy"  # was ready; health failing (/ready 503)
+    SLEEPING = "sleeping"  # the upstream reports is_sleeping: true (/ready 503, /live 200)
+    REWARMING = "rewarming"  # woken up; the short re-warm plan runs (/ready 503)
     DRAINING = "draining"  # shutting down after SIGTERM
     STOPPED = "stopped"  # child exited after we asked it to stop
     FAILED = "failed"  # startup failed or the child crashed
@@ -91,14 +114,17 @@ ALLOWED: dict[Phase, frozenset[Phase]] = {
     P.STARTING: frozenset({P.LOADING, P.DRAINING, P.FAILED}),
     P.LOADING: frozenset({P.WARMING, P.DRAINING, P.FAILED}),
     P.WARMING: frozenset({P.READY, P.DRAINING, P.FAILED}),
-    P.READY: frozenset({P.UNHEALTHY, P.DRAINING, P.FAILED}),
-    P.UNHEALTHY: frozenset({P.READY, P.DRAINING, P.FAILED}),
+    P.READY: frozenset({P.UNHEALTHY, P.SLEEPING, P.DRAINING, P.FAILED}),
+    P.UNHEALTHY: frozenset({P.READY, P.REWARMING, P.SLEEPING, P.DRAINING, P.FAILED}),
+    P.SLEEPING: frozenset({P.REWARMING, P.DRAINING, P.FAILED}),
+    P.REWARMING: frozenset({P.READY, P.UNHEALTHY, P.SLEEPING, P.DRAINING, P.FAILED}),
     P.DRAINING: frozenset({P.STOPPED}),
     P.STOPPED: frozenset(),
     P.FAILED: frozenset(),
 }
 _BEFORE_READY = frozenset({P.STARTING, P.LOADING, P.WARMING})
 _SERVING = frozenset({P.READY, P.UNHEALTHY})
+_AFTER_READY = frozenset({P.READY, P.UNHEALTHY, P.SLEEPING, P.REWARMING})  # SIGTERM drains
 ENGINE_DIED = "engine_died_during_warmup"
 
 
@@ -106,7 +132,10 @@ class Action(StrEnum):
     """What the supervisor must do next, in the order given."""
 
     START_WARMUP = "start_warmup"  # run the warm-up plan; report WarmupFinished
-    CANCEL_WARMUP = "cancel_warmup"  # abandon the warm-up in progress
+    CANCEL_WARMUP = "cancel_warmup"  # abandon the warm-up (or re-warm) in progress
+    START_REWARM = "start_rewarm"  # run the short after-wake plan; report WarmupFinished
+    START_ADAPTER_WARMUP = "start_adapter_warmup"  # warm the next adapter; AdapterWarmed after
+    STOP_ADAPTER_WARMUP = "stop_adapter_warmup"  # Ready was left: stop warming an adapter
     START_DRAIN = "start_drain"  # /ready is 503 now; run the drain policy, report DrainDone
     SKIP_DRAIN = "skip_drain"  # second SIGTERM: end the drain now (outcome `skipped`)
     CANCEL_DRAIN = "cancel_drain"  # the child exited mid-drain (outcome `child_exited`)
@@ -144,6 +173,23 @@ class Sigterm:
 
 
 @dataclass(frozen=True)
+class Sleep:
+    """The upstream's /is_sleeping answer, read after Ready."""
+
+    sleeping: bool
+
+
+@dataclass(frozen=True)
+class AdapterPending:
+    """A runtime LoRA adapter waits to be warmed."""
+
+
+@dataclass(frozen=True)
+class AdapterWarmed:
+    """The adapter warm-up that START_ADAPTER_WARMUP began has ended, whatever its outcome."""
+
+
+@dataclass(frozen=True)
 class StopAsked:
     """A stop signal other than SIGTERM reached the child already: forwarded by the shell,
     or sent by the terminal to the child's process group (Ctrl-C)."""
@@ -168,6 +214,9 @@ Event: TypeAlias = (
     | HealthFailed
     | WarmupFinished
     | Sigterm
+    | Sleep
+    | AdapterPending
+    | AdapterWarmed
     | StopAsked
     | DrainDone
     | ChildExited
@@ -232,6 +281,9 @@ class Lifecycle:
         self.startup_failure: str | None = None  # the exit reason when warmgate failed the startup
         self.stop_signal: str | None = None  # the first stop asked for, named on the exit line
         self._drain_pending = False  # START_DRAIN issued, DrainDone not yet seen
+        self.wakes = 0  # times the upstream woke from sleep (each started a re-warm)
+        self.rewarm_owed = False  # woke, and the re-warm has not finished yet
+        self.adapter_warming = False  # START_ADAPTER_WARMUP issued, AdapterWarmed not yet seen
 
     # --- queries ------------------------------------------------------------------
 
@@ -253,6 +305,11 @@ class Lifecycle:
     def startup_ok(self) -> bool:
         """/startup: true once the first warm-up was accepted (Ready reached); never goes back."""
         return self.ready_since is not None
+
+    def after_ready(self) -> bool:
+        """From the first Ready until the drain: the upstream's sleep state and its adapters
+        matter (before Ready the engine is loading, not sleeping)."""
+        return self.phase in _AFTER_READY
 
     def live_until(self) -> float:
         """/live answers 200 up to this time: never once the child is gone, and only
@@ -330,6 +387,13 @@ class Lifecycle:
                 return self._warmup_finished(ok, detail, now)
             case Sigterm():
                 return self._sigterm(now)
+            case Sleep(sleeping=sleeping):
+                return self._sleep(sleeping, now)
+            case AdapterPending():
+                return self._adapter_pending()
+            case AdapterWarmed():
+                self.adapter_warming = False
+                return self._same()
             case StopAsked(signal=name):
                 return self._stop_asked(name, now)
             case DrainDone():
@@ -356,11 +420,15 @@ class Lifecycle:
             return self._move(P.WARMING, now, "upstream healthy", Action.START_WARMUP)
         if self.phase is P.UNHEALTHY:
             self.unhealthy_since = None
+            if self.rewarm_owed:  # the re-warm after a wake-up was cut short: run it again
+                return self._move(
+                    P.REWARMING, now, "upstream healthy again: re-warming", Action.START_REWARM
+                )
             return self._move(P.READY, now, "upstream healthy again")
         return self._same()
 
     def _health_failed(self, reason: str, now: float) -> Decision:
-        if self.phase not in (P.LOADING, P.WARMING, P.READY, P.UNHEALTHY):
+        if self.phase not in (P.LOADING, P.WARMING, *_AFTER_READY):
             return self._same()
         self.health_failures += 1
         # Before Ready a failing /health just means "still loading"; the startup
@@ -369,15 +437,25 @@ class Lifecycle:
             why = f"startup timed out: upstream not healthy within {self.startup_timeout:g} s"
             actions = [Action.FORWARD_SIGTERM] if self.child_pid is not None else []
             return self._fail(now, why, *actions, exit_reason="upstream_never_healthy")
-        if self.phase is P.READY and self.health_failures >= self.unhealthy_threshold:
+        rewarming = self.phase is P.REWARMING
+        tripped = self.health_failures >= self.unhealthy_threshold
+        if (self.phase is P.READY or rewarming) and tripped:
             self.unhealthy_since = now
             why = f"health failed {self.health_failures} times in a row"
-            return self._move(P.UNHEALTHY, now, f"{why}: {reason}" if reason else why)
+            actions = [Action.CANCEL_WARMUP] if rewarming else []
+            return self._move(P.UNHEALTHY, now, f"{why}: {reason}" if reason else why, *actions)
         return self._same()
 
     def _warmup_finished(self, ok: bool, detail: str, now: float) -> Decision:
-        if self.phase in (P.STARTING, P.LOADING, P.READY, P.UNHEALTHY):
+        late_rewarm = self.wakes > 0 and self.phase in _AFTER_READY
+        if self.phase in (P.STARTING, P.LOADING, *_SERVING) and not late_rewarm:
             raise LifecycleError(f"WarmupFinished in {self.phase.value}: no warm-up was running")
+        if self.phase is P.REWARMING:
+            self.rewarm_owed = False
+            if ok:
+                return self._to_ready(now, "re-warm after wake-up finished")
+            why = f"re-warm failed: {detail}" if detail else "re-warm failed"
+            return self._to_ready(now, f"{why}; serving anyway (the engine is awake)")
         if self.phase is not P.WARMING:
             return self._same()  # a cancelled warm-up reporting late
         if ok:
@@ -390,9 +468,10 @@ class Lifecycle:
     def _sigterm(self, now: float) -> Decision:
         if self.phase not in (P.STOPPED, P.FAILED):
             self.stop_signal = self.stop_signal or "SIGTERM"
-        if self.phase in _SERVING:
+        if self.phase in _AFTER_READY:
             self._drain_pending = True
-            return self._move(P.DRAINING, now, "SIGTERM: draining", Action.START_DRAIN)
+            actions = [Action.CANCEL_WARMUP] if self.phase is P.REWARMING else []
+            return self._move(P.DRAINING, now, "SIGTERM: draining", *actions, Action.START_DRAIN)
         if self.phase in _BEFORE_READY:
             actions = [Action.FORWARD_SIGTERM] if self.child_pid is not None else []
             if self.phase is P.WARMING:
@@ -422,7 +501,7 @@ class Lifecycle:
                 return self._same()
             self._drain_pending = False
             return Decision(self.phase, False, (Action.SKIP_DRAIN,), f"{name}: drain skipped")
-        actions = [Action.CANCEL_WARMUP] if self.phase is P.WARMING else []
+        actions = [Action.CANCEL_WARMUP] if self.phase in (P.WARMING, P.REWARMING) else []
         return self._move(P.DRAINING, now, f"{name}: stopping", *actions)
 
     def _drain_done(self) -> Decision:
@@ -448,7 +527,27 @@ class Lifecycle:
             actions.insert(0, Action.CANCEL_WARMUP)
             why = f"engine died during warm-up: child exited with {status}"
             return self._fail(now, why, *actions, exit_reason=ENGINE_DIED)
+        if self.phase is P.REWARMING:
+            actions.insert(0, Action.CANCEL_WARMUP)
         return self._fail(now, f"child exited unexpectedly with {status}", *actions)
+
+    def _sleep(self, sleeping: bool, now: float) -> Decision:
+        if sleeping and self.phase in _SERVING:
+            self.unhealthy_since, self.health_failures = None, 0
+            return self._move(P.SLEEPING, now, "upstream is sleeping")
+        if sleeping and self.phase is P.REWARMING:
+            return self._move(P.SLEEPING, now, "upstream is sleeping again", Action.CANCEL_WARMUP)
+        if not sleeping and self.phase is P.SLEEPING:
+            self.wakes += 1
+            self.rewarm_owed = True
+            return self._move(P.REWARMING, now, "upstream woke up: re-warming", Action.START_REWARM)
+        return self._same()
+
+    def _adapter_pending(self) -> Decision:
+        if self.phase is not P.READY or self.adapter_warming:
+            return self._same()
+        self.adapter_warming = True
+        return Decision(self.phase, False, (Action.START_ADAPTER_WARMUP,), "warming an adapter")
 
     # --- helpers ------------------------------------------------------------------
 
@@ -468,6 +567,9 @@ class Lifecycle:
     def _move(self, to: Phase, now: float, reason: str, *actions: Action) -> Decision:
         if to not in ALLOWED[self.phase]:
             raise LifecycleError(f"illegal transition {self.phase.value} -> {to.value}")
+        if self.adapter_warming:  # only ever while Ready, which this move leaves
+            self.adapter_warming = False
+            actions = (Action.STOP_ADAPTER_WARMUP, *actions)
         self._transitions.append(Transition(to, now, reason))
         return Decision(to, True, actions, reason)
 

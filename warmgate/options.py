@@ -27,6 +27,7 @@ ALL_FEATURES = ",".join(FEATURES)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
 COVERAGES = ("engine", "pairwise")  # warmgate.plan builds each
+BENCH_MIXES = ("heldout", "json_logprobs_stream")  # warmgate/bench/<mix>.jsonl
 OnWarmupFailure = Literal["fail", "ready"]
 ON_WARMUP_FAILURE: tuple[OnWarmupFailure, ...] = get_args(OnWarmupFailure)
 # vLLM's gauges of requests it holds; SGLang users pass theirs with --inflight-metric.
@@ -212,6 +213,14 @@ OPTIONS: tuple[Option, ...] = (
     _UPSTREAM,
     replace(_UPSTREAM, help="URL of the running server.", commands=WARMUP, required=True),
     Option("no_warmup", "switch", False, "Plain-init mode even for a known server."),
+    Option(
+        "leader",
+        "str",
+        None,
+        "Worker mode (multi-node): URL of the group leader's warmgate probe server; no "
+        "warm-up, probes watch the leader's /status, SIGTERM waits for its drain.",
+        check=_url,
+    ),
     Option("host", "str", "0.0.0.0", "Probe server address (the kubelet probes the pod IP)."),
     _PORT,
     Option(
@@ -219,6 +228,13 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "health_interval", "float", 0.25, "Seconds between upstream health polls.", check=_positive
+    ),
+    Option(
+        "adapter_interval",
+        "float",
+        5.0,
+        "Seconds between /v1/models polls after Ready for new LoRA adapters to warm (0: off).",
+        check=_at_least(0),
     ),
     Option(
         "startup_timeout",
@@ -378,6 +394,14 @@ OPTIONS: tuple[Option, ...] = (
         "cache_key", "str", None, "Extra cache key, e.g. the image tag (with command line and GPU)."
     ),
     Option(
+        "profile_interval",
+        "float",
+        180.0,
+        "Seconds between writes of the traffic profile learned after Ready, under --cache-dir "
+        "(also at drain; 0: learn none).",
+        check=_at_least(0),
+    ),
+    Option(
         "inflight_metric",
         "list",
         None,
@@ -407,7 +431,23 @@ OPTIONS: tuple[Option, ...] = (
         "str",
         "none,health,warmup.sh,warmgate",
         "Comma list of none, health, warmup.sh, warmgate, warmgate-pairwise, plan (plan "
-        "needs --plan).",
+        "needs --plan), profile (warmgate on a profile learned from the mix by a first start).",
+    ),
+    Option(
+        "mix",
+        "choice",
+        "heldout",
+        "The held-out requests: heldout (a broad mix) or json_logprobs_stream (narrow).",
+        BENCH,
+        env="WARMGATE_BENCH_MIX",
+        choices=BENCH_MIXES,
+        parse=str,
+    ),
+    _bench(
+        "profile_requests",
+        "int",
+        200,
+        "Requests of the mix the profile strategy's first start serves before it drains.",
     ),
     _bench("plan", "path", None, "The user plan of the plan strategy."),
     _bench(

@@ -63,6 +63,7 @@ __all__ = [
     "ShapeKey",
     "ShapeSpec",
     "UpstreamInfo",
+    "adapter_plan",
     "batch_of",
     "body_for",
     "build_plan",
@@ -73,6 +74,8 @@ __all__ = [
     "prompt_text",
     "prompt_token_ids",
     "redacted_body",
+    "rewarm_plan",
+    "source_of",
     "split_features",
     "to_quarantine",
     "without_quarantined",
@@ -185,17 +188,18 @@ class UpstreamInfo:
 
 @dataclass(frozen=True)
 class ShapeSpec:
-    """A [[shape]] table of a plan file."""
+    """A [[shape]] table of a plan file, or a shape of the traffic profile (warmgate.profile)."""
 
     where: str  # "plan.toml [[shape]] #2", for error messages
     endpoint: str  # a key of ENDPOINTS
     prompt_tokens: int
     stream: bool = False
-    feature: str | None = None  # None: greedy (generation) / plain (pooling)
+    feature: str | None = None  # None: greedy (generation) / plain (pooling); "a+b": both
     concurrency: int = 1
     max_tokens: int | None = None  # None: PlanSettings.max_tokens
     model: str | None = None  # None: the first planned model that serves the endpoint
     body: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    weight: float = 1.0  # a profile shape's observed frequency; not a plan-file key
 
 
 @dataclass(frozen=True)
@@ -240,6 +244,9 @@ class PlanSettings:
     min_repeats: int = MIN_REPEATS
     max_repeats: int = DEFAULTS["max_repeats"]
     plan_file: PlanFileSpec | None = None
+    # The traffic profile's shapes (warmgate.profile.plan_specs): planned first, by weight.
+    profile: tuple[ShapeSpec, ...] = ()
+    profile_requests: int = 0  # the client requests behind it (PROFILE_TRUSTED)
     coverage: str = DEFAULTS["coverage"]  # "engine" or "pairwise"
     # What the engine specialises on (warmgate.engineconfig reads it from the child):
     step_budget: int = DEFAULT_STEP_BUDGET  # max_num_batched_tokens: tokens one step computes
@@ -404,9 +411,16 @@ def build_plan(settings: PlanSettings, upstream: UpstreamInfo) -> Plan:
     warnings: list[str] = []
     models = _select_models(settings, upstream, warnings)
     file = settings.plan_file
-    shapes: list[Shape] = []
+    learned = _profile_shapes(settings, upstream, models, warnings)
+    shapes: list[Shape] = list(learned)
     if file is None or file.mode == "extend":
-        shapes += _default_shapes(settings, upstream, models, warnings)
+        defaults = _default_shapes(settings, upstream, models, warnings)
+        if learned and settings.coverage == "engine":  # what the profile left to cover first
+            claimed = _claims_of(learned)
+            if settings.profile_requests >= PROFILE_TRUSTED:
+                defaults = _observed_only(defaults, learned, claimed)
+            defaults = order_by_value(defaults, covered=claimed)
+        shapes += defaults
     if file is not None:
         shapes += [_file_shape(s, settings, upstream, models) for s in file.shapes]
         shapes += [_replay_shape(r, models, warnings) for r in file.replay]
@@ -569,6 +583,7 @@ def _default_shapes(
 # Sampling paths are exclusive (a request takes one); add-ons ride along with any path.
 _PATHS = ("greedy", "sampling", "seed")
 _ADDONS = ("penalties", "n", "logprobs", "prompt_logprobs", "json")
+SAMPLING_PATHS, ADDON_FEATURES = _PATHS, _ADDONS  # warmgate.profile names requests with them
 # Features whose work grows with the prompt (logits over prompt positions, prefill-sized
 # buffers): they are warmed at every prompt length, the others once.
 _LENGTH_FEATURES = ("logprobs", "prompt_logprobs")
@@ -729,26 +744,63 @@ def _combined_fields(features: Sequence[str], endpoint: str) -> Body:
 # --- ordering by value ---------------------------------------------------------------------
 
 
-def order_by_value(shapes: Sequence[Shape]) -> list[Shape]:
+def order_by_value(
+    shapes: Sequence[Shape],
+    weight: Callable[[Shape], float] | None = None,
+    covered: Collection[tuple[Any, ...]] = (),
+) -> list[Shape]:
     """The shapes, most value first: the one-time cost a shape is expected to remove per
     second it takes. Cost is latency.prior_ms; the one-time cost removed is counted as
     the specialisations (a feature, a feature on an endpoint, a prompt-length octave, a
-    sampling path at a batch size...) the shape is first to touch, one unit each.
+    sampling path at a batch size...) the shape is first to touch, one unit each, times
+    `weight` (a profile shape's observed frequency; 1 by default). `covered`: what
+    shapes planned before these touch already.
     Greedy: each pick sees what the earlier ones covered. Ties keep the plan's order."""
     left = list(shapes)
     claims = {id(s): _claims(s) for s in left}
     cost = {id(s): prior_ms(batch_of(s)) for s in left}
-    covered: set[tuple[Any, ...]] = set()
+    worth = {id(s): weight(s) if weight is not None else 1.0 for s in left}
+    seen: set[tuple[Any, ...]] = set(covered)
     ordered: list[Shape] = []
     while left:
-        best = max(left, key=lambda s: len(claims[id(s)] - covered) / cost[id(s)])
-        if not claims[id(best)] - covered:
+        best = max(left, key=lambda s: len(claims[id(s)] - seen) * worth[id(s)] / cost[id(s)])
+        if not claims[id(best)] - seen:
             ordered += left  # nothing new anywhere: the rest keep their order
             break
         left.remove(best)
         ordered.append(best)
-        covered |= claims[id(best)]
+        seen |= claims[id(best)]
     return ordered
+
+
+# A profile of this many client requests stands for the deployment's traffic: the default
+# plan then adds only what those requests use (endpoint and feature) that the profile's own
+# shapes have not touched, and skips features no client sent. A smaller one only goes first.
+PROFILE_TRUSTED = 100
+
+
+def _observed_only(
+    defaults: Sequence[Shape], learned: Sequence[Shape], claimed: Collection[tuple[Any, ...]]
+) -> list[Shape]:
+    used = {(s.endpoint, f) for s in learned for f in s.features}
+    return [
+        s
+        for s in defaults
+        if all((s.endpoint, f) in used for f in s.features) and _claims(s) - set(claimed)
+    ]
+
+
+def _claims_of(shapes: Sequence[Shape]) -> set[tuple[Any, ...]]:
+    return set().union(*map(_claims, shapes)) if shapes else set()
+
+
+SOURCES = {"profile/": "profile", "file/": "plan", "replay/": "plan"}
+
+
+def source_of(family: str) -> str:
+    """Where a planned shape came from: "profile" (the learned traffic profile), "plan"
+    (the user's --plan file) or "default" (the default plan); its family says it."""
+    return next((src for prefix, src in SOURCES.items() if family.startswith(prefix)), "default")
 
 
 def batch_of(shape: Shape) -> Batch:
@@ -967,8 +1019,35 @@ def _endpoints_of(model: ModelInfo) -> tuple[str, ...]:
     return _GENERATE if model.kind == "generate" else (_POOLING_ENDPOINT[model.kind],)
 
 
+def _profile_shapes(
+    settings: PlanSettings, upstream: UpstreamInfo, models: list[ModelInfo], warnings: list[str]
+) -> list[Shape]:
+    """The profile's shapes, most valuable first with the observed frequency as weight;
+    a shape that no longer fits (a shorter context now, a model gone) is left out."""
+    shapes: dict[int, Shape] = {}
+    weights: dict[int, float] = {}
+    for spec in sorted(settings.profile, key=lambda s: -s.weight):
+        try:
+            model = _model_for(spec.endpoint, spec.model, models, spec.where)
+            room = _context(model, settings, []) - (spec.max_tokens or settings.max_tokens)
+            if room < 1:
+                raise PlanError(f"{spec.where}: max_model_len of {model.id!r} leaves no prompt")
+            spec = replace(spec, prompt_tokens=min(spec.prompt_tokens, room))
+            shape = _file_shape(spec, settings, upstream, models, prefix="profile")
+        except PlanError as exc:
+            warnings.append(f"traffic profile: {exc}; left out")
+            continue
+        shapes[id(shape)], weights[id(shape)] = shape, spec.weight
+    kept = _dedupe(list(shapes.values()))
+    return order_by_value(kept, weight=lambda s: weights[id(s)])
+
+
 def _file_shape(
-    spec: ShapeSpec, settings: PlanSettings, upstream: UpstreamInfo, models: list[ModelInfo]
+    spec: ShapeSpec,
+    settings: PlanSettings,
+    upstream: UpstreamInfo,
+    models: list[ModelInfo],
+    prefix: str = "file",
 ) -> Shape:
     model = _model_for(spec.endpoint, spec.model, models, spec.where)
     context = _context(model, settings, [])
@@ -987,11 +1066,11 @@ def _file_shape(
         tokens = max(1, min(tokens, _text_cap(context - max_tokens)))
     fields: Body = {}
     if generating:
-        fields.update(_FEATURE_FIELDS[feature][1 if spec.endpoint == "chat" else 0])
+        fields.update(_combined_fields(split_features(feature), spec.endpoint))
     fields.update(copy.deepcopy(dict(spec.body)))
     stream = spec.stream and generating
     mode = ("stream/" if stream else "nostream/") if generating else ""
-    family = f"file/{spec.endpoint}/{mode}{feature}/len{tokens}/c{spec.concurrency}"
+    family = f"{prefix}/{spec.endpoint}/{mode}{feature}/len{tokens}/c{spec.concurrency}"
     return Shape(
         family,
         ENDPOINTS[spec.endpoint],
@@ -1087,6 +1166,61 @@ def without_quarantined(
             "key's quarantine.json under --cache-dir"
         )
     return replace(the_plan, shapes=kept), dropped
+
+
+# --- after Ready: the re-warm after a wake-up, and a LoRA adapter loaded at run time --------
+
+
+def rewarm_plan(startup: Plan) -> Plan:
+    """The short plan run after the engine wakes from sleep, chosen from the startup plan.
+
+    Waking keeps the compiled kernels but reallocates the weights and the KV cache: the
+    first step of each batch size pays for it again, and so does each endpoint's first
+    request. So: per (model, endpoint, concurrency) the startup shape of least load (the
+    batch buckets and one short request per endpoint), in the startup plan's order.
+    """
+    least: dict[tuple[str, str, int], Shape] = {}
+    for shape in startup.shapes:
+        where = (shape.model, shape.endpoint, shape.concurrency)
+        if where not in least or shape.key.load < least[where].key.load:
+            least[where] = shape
+    kept = set(map(id, least.values()))
+    return replace(startup, shapes=tuple(s for s in startup.shapes if id(s) in kept))
+
+
+def adapter_plan(settings: PlanSettings, upstream: UpstreamInfo, adapter: str) -> Plan:
+    """The short plan of a LoRA adapter loaded after Ready: one short greedy request per
+    endpoint, one at a time (the pod serves meanwhile; low priority). Its kernels are the
+    base model's, warm since start-up; what is cold is the adapter's own first use.
+
+    An adapter's /v1/models card has no max_model_len: its base model's stands in.
+    """
+    model = next((m for m in upstream.models if m.id == adapter), None)
+    if model is None:
+        raise PlanError(f"adapter {adapter!r} is no longer in /v1/models (unloaded?)")
+    warnings: list[str] = []
+    if model.max_model_len is None:
+        base = [m.max_model_len for m in upstream.models if not m.is_lora and m.max_model_len]
+        model = replace(model, max_model_len=min(base) if base else None)
+    context = _context(model, settings, warnings)
+    limit = context - settings.max_tokens
+    short = min(_SHORT_PROMPT, limit)
+    if short < 1:
+        raise PlanError(f"adapter {adapter!r}: max_model_len {context} leaves no prompt")
+    shapes = tuple(
+        _gen_shape(model, endpoint, False, "greedy", short, 1, settings.max_tokens, upstream, limit)
+        for endpoint in _fitting_endpoints(model, context, settings, upstream, warnings)
+    )
+    if not shapes:
+        raise PlanError(f"adapter {adapter!r}: no endpoint fits; {'; '.join(warnings)}")
+    return Plan(
+        shapes,
+        tuple(warnings),
+        upstream.tokens_per_word or DEFAULT_TOKENS_PER_WORD,
+        settings.converge,
+        settings.min_repeats,
+        settings.max_repeats,
+    )
 
 
 # --- requests -----------------------------------------------------------------------
@@ -1255,7 +1389,7 @@ def parse_plan_file(
         endpoint = "chat"            # completions | chat | embeddings | classify (or the path)
         prompt_tokens = 1500
         stream = true                # optional, default false
-        feature = "logprobs"         # optional, one of FEATURES
+        feature = "logprobs"         # optional, one of FEATURES, or several: "logprobs+json"
         concurrency = 8              # optional, default 1
         max_tokens = 64              # optional, default --max-tokens
         model = "my-model"           # optional, default the first fitting model
@@ -1288,8 +1422,13 @@ def _shape_spec(table: object, where: str) -> ShapeSpec:
     _no_unknown(table, _SHAPE_KEYS, where)
     endpoint = _endpoint_key(table.get("endpoint"), f"{where} endpoint")
     feature = table.get("feature")
-    if feature is not None and (endpoint not in _GENERATE or feature not in _FEATURE_FIELDS):
-        allowed = _or(FEATURES) if endpoint in _GENERATE else "nothing (pooling endpoint)"
+    known = isinstance(feature, str) and all(f in _FEATURE_FIELDS for f in feature.split("+"))
+    if feature is not None and (endpoint not in _GENERATE or not known):
+        allowed = (
+            f"{_or(FEATURES)}, or several joined with + (logprobs+json)"
+            if endpoint in _GENERATE
+            else "nothing (pooling endpoint)"
+        )
         raise PlanError(f"{where}: feature {feature!r} does not apply; use {allowed}")
     if "prompt_tokens" not in table:
         raise PlanError(f"{where}: prompt_tokens is required (a positive integer)")

@@ -55,7 +55,7 @@ def make_handler(view: ProbeView) -> SyncHandler:
         "/live": ProbeSnapshot.live,
         "/startup": lambda snap: snap.started,
     }
-    # At most 3 paths x 2 outcomes x 8 phases; the server only reads a Response.
+    # At most 3 paths x 2 outcomes x 10 phases; the server only reads a Response.
     answers: dict[tuple[str, bool, str], Response] = {}
 
     def handle(request: Request) -> Response:

@@ -32,6 +32,7 @@ class Counters:
     cache_bytes: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     quarantined: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     cold: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # budget cut
+    adapters: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # by state
 
 
 class Reading(Protocol):
@@ -146,6 +147,16 @@ class _StateCollector:
         yield _by_feature(
             "warmgate_cold_shapes", "Planned shapes the warm-up budget left cold.", c.cold
         )
+        if c.adapters:
+            adapters = GaugeMetricFamily(
+                "warmgate_adapters",
+                "LoRA adapters the upstream serves, by warm-up state (pending, warming, warm, "
+                "failed).",
+                labels=["state"],
+            )
+            for state, count in c.adapters.items():
+                adapters.add_metric([state], float(count))
+            yield adapters
 
 
 def _by_feature(name: str, doc: str, counts: Mapping[str, int]) -> Metric:

@@ -7,11 +7,13 @@ import asyncio
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
 from warmgate.drain import Reading, Unread
+
+SleepAnswer = Literal["sleeping", "awake", "absent", "unknown"]
 
 
 class UpstreamError(Exception):
@@ -68,6 +70,23 @@ class Upstream:
             return False, type(exc).__name__
         return response.status_code == 200, f"HTTP {response.status_code}"
 
+    async def is_sleeping(self, timeout: float = 5.0) -> SleepAnswer:
+        """vLLM's dev-mode `GET /is_sleeping` ({"is_sleeping": bool}): "sleeping" or
+        "awake"; "absent" on 404/405 (no sleep mode there); "unknown" on anything else."""
+        try:
+            response = await self._client.get("/is_sleeping", timeout=timeout)
+        except httpx.HTTPError:
+            return "unknown"
+        if response.status_code in (404, 405):
+            return "absent"
+        try:
+            sleeping = response.json().get("is_sleeping") if response.status_code == 200 else None
+        except (ValueError, AttributeError):
+            return "unknown"
+        if not isinstance(sleeping, bool):
+            return "unknown"
+        return "sleeping" if sleeping else "awake"
+
     async def models(self) -> list[ServedModel]:
         body = (await self.request("GET", "/v1/models", timeout=10.0)).body
         try:
@@ -120,6 +139,15 @@ class Upstream:
         except ValueError:
             return Unread.NO_GAUGES
         return total if seen else Unread.NO_GAUGES
+
+    async def metrics_page(self, timeout: float = 5.0) -> str | None:
+        """The text of /metrics, or None when it did not answer 200 within `timeout`."""
+        try:
+            async with asyncio.timeout(timeout):
+                response = await self._client.get("/metrics", timeout=timeout)
+        except (httpx.HTTPError, TimeoutError):
+            return None
+        return response.text if response.status_code == 200 else None
 
     async def request(
         self,

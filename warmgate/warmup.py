@@ -65,6 +65,7 @@ class ShapeResult:
     def as_dict(self) -> dict[str, Any]:
         return {
             "family": self.family,
+            "source": plan.source_of(self.family),  # profile, plan (--plan) or default
             "model": self.model,
             "feature": self.key.feature,
             "prompt_tokens": self.key.prompt_tokens,
@@ -103,7 +104,9 @@ async def discover(
     served = await _retry(upstream.models)
     models = []
     for m in served:
-        kind = await _model_kind(upstream, m.id, settings.request_timeout)
+        # A model no plan can pick is not probed (an adapter's warm-up names its one model).
+        wanted = not settings.models or m.id in settings.models
+        kind = await _model_kind(upstream, m.id, settings.request_timeout) if wanted else "generate"
         models.append(plan.ModelInfo(m.id, m.max_model_len, kind, is_lora=m.parent is not None))
     vocab: list[int] = []
     tokens_per_word = None
@@ -148,21 +151,24 @@ def build(settings: WarmupSettings, info: plan.UpstreamInfo) -> plan.Plan:
             "chunked_prefill": engine.chunked_prefill,
             "compile_sizes": engine.compile_sizes,
         }
-    return plan.build_plan(
-        plan.PlanSettings(
-            max_tokens=settings.max_tokens,
-            concurrency=settings.concurrency,
-            features=settings.features,
-            max_inflight_tokens=settings.max_inflight_tokens,
-            models=settings.models,
-            converge=settings.converge,
-            max_repeats=settings.max_repeats,
-            plan_file=settings.plan,
-            coverage=settings.coverage,
-            **limits,
-        ),
-        info,
+    plan_settings = plan.PlanSettings(
+        max_tokens=settings.max_tokens,
+        concurrency=settings.concurrency,
+        features=settings.features,
+        max_inflight_tokens=settings.max_inflight_tokens,
+        models=settings.models,
+        converge=settings.converge,
+        max_repeats=settings.max_repeats,
+        plan_file=settings.plan,
+        profile=settings.profile,
+        profile_requests=settings.profile_requests,
+        coverage=settings.coverage,
+        **limits,
     )
+    if settings.adapter is not None:
+        return plan.adapter_plan(plan_settings, info, settings.adapter)
+    startup = plan.build_plan(plan_settings, info)
+    return plan.rewarm_plan(startup) if settings.rewarm else startup
 
 
 Emit = Callable[[dict[str, Any]], None]

@@ -2,7 +2,9 @@
 
 `heldout.jsonl` holds requests written from what real clients send, independently of
 the warm-up plan (plan.py never reads it), so the benchmark measures whether the plan
-warms what traffic actually hits. Each line:
+warms what traffic actually hits. `json_logprobs_stream.jsonl` is a narrow mix the
+default plan covers poorly (streamed chat asking for JSON and logprobs together, at
+three lengths): the traffic a learned profile is for (`--mix`). Each line:
 
     {"name": ..., "endpoint": "/v1/chat/completions" | "/v1/completions",
      "body": {...}, "prompt_tokens": N, "concurrency": C (optional, default 1)}
@@ -21,10 +23,13 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-__all__ = ["HELDOUT_CONTEXT", "PROMPT_MARKER", "HeldoutRequest", "load_heldout"]
+from warmgate.options import BENCH_MIXES
+
+__all__ = ["HELDOUT_CONTEXT", "MIXES", "PROMPT_MARKER", "HeldoutRequest", "load_heldout"]
 
 PROMPT_MARKER = "{{prompt}}"
 HELDOUT_CONTEXT = 2048  # every request fits this max_model_len, max_tokens included
+MIXES = BENCH_MIXES  # the .jsonl files here
 
 
 @dataclass(frozen=True)
@@ -56,9 +61,10 @@ def _replace(value: Any, prompt: str | list[int]) -> Any:
     return value
 
 
-def load_heldout() -> list[HeldoutRequest]:
-    """Every request of heldout.jsonl, in file order."""
-    text = resources.files(__package__).joinpath("heldout.jsonl").read_text(encoding="utf-8")
+def load_heldout(mix: str = BENCH_MIXES[0]) -> list[HeldoutRequest]:
+    """Every request of the mix's file (MIXES), in file order."""
+    name = f"{mix}.jsonl"
+    text = resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
     requests = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -73,8 +79,8 @@ def load_heldout() -> list[HeldoutRequest]:
                 int(record.get("concurrency", 1)),
             )
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"heldout.jsonl:{n}: bad request ({e})") from None
+            raise ValueError(f"{name}:{n}: bad request ({e})") from None
         if PROMPT_MARKER not in json.dumps(request.body):
-            raise ValueError(f"heldout.jsonl:{n}: body has no {PROMPT_MARKER} marker")
+            raise ValueError(f"{name}:{n}: body has no {PROMPT_MARKER} marker")
         requests.append(request)
     return requests

@@ -12,6 +12,10 @@ Strategies, each on a fresh upstream process with a fresh compile cache:
              as warmgate, with the thorough sweep (`--coverage pairwise`) and no budget
              but `--warmup-timeout`: the warm-up warmgate had before `--coverage engine`
   plan       as warmgate, with a user plan (--plan)
+  profile    as warmgate, on a --cache-dir where a first start (not measured) learned a
+             traffic profile: Ready, `profile_requests` requests of the mix, then a drain.
+             Only the profile is kept from it: the measured start's compile caches are
+             empty, as every other strategy's
 
 Every strategy's warm-up is the time from healthy to Ready: the seconds it spends after the
 engine could have served (0 for none and health). Under warmgate, its /status at Ready
@@ -30,10 +34,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import random
 import shlex
+import shutil
 import signal
 import socket
 import statistics
@@ -52,8 +58,11 @@ from warmgate.bench import HELDOUT_CONTEXT, HeldoutRequest, load_heldout
 from warmgate.childlog import JIT_MARKER
 from warmgate.options import option
 
-STRATEGIES = ("none", "health", "warmup.sh", "warmgate", "warmgate-pairwise", "plan")
-UNDER_WARMGATE = ("warmgate", "warmgate-pairwise", "plan")
+STRATEGIES = ("none", "health", "warmup.sh", "warmgate", "warmgate-pairwise", "plan", "profile")
+UNDER_WARMGATE = ("warmgate", "warmgate-pairwise", "plan", "profile")
+# What the profile strategy's server logs: vLLM's request lines (the features of each
+# request) and, for chat, its output lines (whether the client streamed).
+PROFILE_LOG_FLAGS = ("--enable-log-requests", "--enable-log-outputs")
 
 RETRY_S = 0.5  # how often a client of the `none` strategy retries a refused request
 # Words for held-out prompts: deliberately not the warm-up plan's vocabulary.
@@ -373,19 +382,52 @@ async def run_strategy(
     pin_output: bool,
     log_name: str | None = None,
     budget: str | None = None,
+    mix_name: str,
+    profile_requests: int,
 ) -> Outcome:
     """One fresh upstream under one strategy: time to Ready, then the held-out mix.
     `budget`: the warmgate strategy's --warmup-budget (over any in `warmgate_args`)."""
     outcome = Outcome(strategy, warm_runs=warm_runs, budget=budget)
+    args = strategy_args(strategy, warmgate_args, plan, budget)
+    with contextlib.ExitStack() as stack:
+        if strategy == "profile":
+            learned = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="wg-profile-")))
+            recipe = dataclasses.replace(recipe, argv=[*recipe.argv, *PROFILE_LOG_FLAGS])
+            args += ["--cache-dir", str(learned)]
+            name = f"{(log_name or strategy).removesuffix('.log')}.learn.log"
+            try:
+                await learn_profile(
+                    recipe, args, learned, profile_requests, mix_name, log_dir and log_dir / name
+                )
+            except (RuntimeError, httpx.HTTPError, TimeoutError) as exc:
+                outcome.error = f"learning the profile: {exc or type(exc).__name__}"
+                return outcome
+        await _measure(
+            outcome, recipe, args, log_dir, log_name, pin_output, mix_name, ready_timeout
+        )
+    return outcome
+
+
+async def _measure(
+    outcome: Outcome,
+    recipe: ServerRecipe,
+    args: Sequence[str],
+    log_dir: Path | None,
+    log_name: str | None,
+    pin_output: bool,
+    mix_name: str,
+    ready_timeout: float = 1500.0,
+) -> None:
+    strategy, warm_runs = outcome.strategy, outcome.warm_runs
     with started(
         recipe,
         under_warmgate=strategy in UNDER_WARMGATE,
-        warmgate_args=strategy_args(strategy, warmgate_args, plan, budget),
+        warmgate_args=args,
         log_path=log_dir / (log_name or f"{strategy}.log") if log_dir else None,
         stop=TERMINATE,
     ) as server:
         proc, base = server.proc, server.base
-        mix = _Mix(base, warm_runs, pin_output, server.began)
+        mix = _Mix(base, warm_runs, pin_output, server.began, mix_name)
         try:
             async with httpx.AsyncClient(timeout=600.0, trust_env=False) as client:
                 if strategy == "none":  # Ready at once: clients arrive and retry
@@ -416,7 +458,40 @@ async def run_strategy(
                 outcome.gpu_memory_bytes = _gpu_memory()
         except (RuntimeError, httpx.HTTPError, TimeoutError) as exc:
             outcome.error = str(exc) or type(exc).__name__
-    return outcome
+
+
+async def learn_profile(
+    recipe: ServerRecipe,
+    args: Sequence[str],
+    cache_dir: Path,
+    requests: int,
+    mix_name: str,
+    log_path: Path | None,
+    ready_timeout: float = 1500.0,
+) -> None:
+    """The profile strategy's first start: warmgate on `cache_dir`, Ready, then the mix
+    (fresh text each time) until `requests` client requests, then SIGTERM: warmgate writes
+    the profile at its drain. Everything else it left in `cache_dir` is removed, so that
+    the measured start compiles from nothing, as every other strategy's does."""
+    with started(recipe, under_warmgate=True, warmgate_args=args, log_path=log_path) as server:
+        assert server.probe_port is not None
+        async with httpx.AsyncClient(timeout=600.0, trust_env=False) as client:
+            await _until_ok(client, f"{server.base}/health", server.proc, ready_timeout)
+            probe = f"http://127.0.0.1:{server.probe_port}"
+            await _until_ok(client, f"{probe}/ready", server.proc, ready_timeout)
+            mix = _Mix(server.base, 0, True, server.began, mix_name)
+            per_round = sum(r.concurrency for r in mix.requests)
+            for _ in range(-(-requests // per_round)):
+                failed = [m.error for m in await mix.run(client) if m.error]
+                if failed:
+                    raise RuntimeError(failed[0])
+        stop_session(server.proc, Stop(signal.SIGTERM, 60.0, leader_only=True))
+    profiles = cache_dir / "profiles"
+    if not any(profiles.glob("*/*.json")):
+        raise RuntimeError(f"the learning start wrote no profile under {profiles}")
+    for entry in cache_dir.iterdir():
+        if entry != profiles:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
 def strategy_args(
@@ -539,8 +614,9 @@ class _Mix:
     state; only the one-time work of that request's shape separates them.
     """
 
-    def __init__(self, base: str, warm_runs: int, pin_output: bool, began: float) -> None:
+    def __init__(self, base: str, warm_runs: int, pin_output: bool, began: float, mix: str) -> None:
         self.base, self.warm_runs, self.pin_output, self.began = base, warm_runs, pin_output, began
+        self.requests = load_heldout(mix)
         self.model: str | None = None
         self.context = HELDOUT_CONTEXT
         self.rate = 1.5
@@ -556,7 +632,7 @@ class _Mix:
         if self.model is None:
             await self.discover(client)
         results = []
-        for request in load_heldout():
+        for request in self.requests:
             measured = Measured(request.name)
             results.append(measured)
             first = await self._send(client, request)
@@ -737,6 +813,16 @@ def report(outcomes: Sequence[Outcome]) -> str:
         "own start. Warm-up shapes: warmgate's plan at Ready, by how each shape ended (cold:",
         "its --warmup-budget left the shape out).",
     ]
+    rows = {o.strategy: o for o in outcomes}
+    if "profile" in rows and "warmgate" in rows:
+        learned, default = rows["profile"].warmup_s, rows["warmgate"].warmup_s
+        if learned is not None and default:
+            lines += [
+                "",
+                f"Profile: its warm-up took {learned / default:.2f} of the default plan's "
+                f"({learned:.1f} s against {default:.1f} s), after a first start had learned "
+                "the profile from the mix.",
+            ]
     if any(len(o.runs) > 1 for o in outcomes):
         lines += [
             "",

@@ -39,6 +39,8 @@ def bench_main(
     pin_output: bool,
     starts: str,
     budgets: str,
+    mix: str,
+    profile_requests: int,
 ) -> int:
     chosen = [s.strip() for s in strategies.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in STRATEGIES]
@@ -75,6 +77,8 @@ def bench_main(
                 pin_output=pin_output,
                 log_name=log_name,
                 budget=budget_s,
+                mix_name=mix,
+                profile_requests=profile_requests,
             )
         )
         print(
