@@ -359,3 +359,25 @@ def test_budget_table_and_chart(tmp_path: Path) -> None:
             m.first_cost_ms = m.first_compile_ms = None
     assert budget.table(points, []).splitlines()[2].split("|")[9].strip() == "-"
     assert budget_chart(points, [], tmp_path / "real.png", "vLLM")
+
+
+def test_the_profile_strategy_warms_the_learned_mix_with_fewer_shapes(tmp_path: Path) -> None:
+    """`--strategies none,warmgate,profile --mix json_logprobs_stream`: the profile row
+    starts on a cache dir where a first start served the mix (`--profile-requests`) and
+    drained. The sim's kernels are deterministic: none's first clients compile some,
+    the profile start's compile none, having warmed fewer shapes than the default plan."""
+    args = ["bench", "--strategies", "none,warmgate,profile", "--mix", "json_logprobs_stream",
+            "--profile-requests", "120", "--sim-args", SIM, "--warm-runs", "1",
+            "--out", str(tmp_path)]  # fmt: skip
+    code, stdout, stderr = run(args, timeout=300)
+    assert code == 0, f"bench failed:\n{stdout[-2000:]}\n{stderr[-2000:]}"
+    rows = {o["strategy"]: o for o in json.loads((tmp_path / "report.json").read_text())}
+    assert [r["name"] for r in rows["profile"]["requests"]] == [
+        "json_logprobs_stream_short", "json_logprobs_stream_medium", "json_logprobs_stream_long"
+    ]  # fmt: skip
+    assert rows["none"]["jit_after_ready"] > 0 == rows["profile"]["jit_after_ready"]
+    shapes = {s: sum(rows[s]["shape_status"].values()) for s in ("warmgate", "profile")}
+    assert 0 < shapes["profile"] < shapes["warmgate"], shapes
+    log = (tmp_path / "profile.learn.log").read_text()
+    assert '"requests": 120, "combinations": 1' in log  # all the mix, written at the drain
+    assert "Profile: its warm-up took" in stdout
