@@ -28,7 +28,7 @@ import deployutil as du
 import pytest
 from wgutil import free_port
 
-from warmgate import cache, options, probe, servers, supervisor
+from warmgate import cache, probe, servers, supervisor
 from warmgate.config import RunSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -150,7 +150,7 @@ def test_vllm_healthcheck_waits_out_startup_and_warm_up() -> None:
 # --- the manifests: every overlay's pods, as `kubectl kustomize` renders them -----------
 
 needs_kubectl = pytest.mark.skipif(
-    manifests.kubectl() is None,
+    manifests.kubectl() is None and not os.environ.get("CI"),  # CI's image has it: fail there
     reason="kubectl not on PATH: it renders docker/kubernetes/overlays (`kubectl kustomize`)",
 )
 # Every pod the overlays define: (overlay, role). "server" is a Deployment's single-node pod;
@@ -246,17 +246,8 @@ def _objects(overlay: str, kind: str) -> list[dict[str, Any]]:
     return [d for d in manifests.render(overlay) if d["kind"] == kind]
 
 
-def _has_option(name: str) -> bool:
-    return any(o.name == name for o in options.OPTIONS)
-
-
 def _pod_settings(pod: Pod, monkeypatch: pytest.MonkeyPatch) -> RunSettings:
-    argv = pod.argv()
-    if pod.role == "worker" and not _has_option("leader"):
-        # Worker mode (`--leader`, issue 19) is not in this tree yet: check the rest.
-        at = argv.index("--leader")
-        argv = argv[:at] + argv[at + 2 :]
-    return du.settings(argv, pod.env(), monkeypatch)
+    return du.settings(pod.argv(), pod.env(), monkeypatch)
 
 
 @needs_kubectl
@@ -290,10 +281,8 @@ def test_worker_names_its_leaders_probe_server(monkeypatch: pytest.MonkeyPatch) 
     argv = worker.argv()
     url = argv[argv.index("--leader") + 1]
     assert url == f"http://{worker.injected['LWS_LEADER_ADDRESS']}:{leader.port('warmgate')}"
-    if not _has_option("leader"):
-        pytest.skip("warmgate has no --leader option yet (worker mode, issue 19)")
     settings = _pod_settings(worker, monkeypatch)
-    assert settings.leader == url  # type: ignore[attr-defined]
+    assert settings.leader == url
 
 
 @needs_kubectl
