@@ -13,6 +13,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -104,6 +106,22 @@ def cost(response: httpx.Response) -> tuple[float, float, list[str]]:
         float(response.headers["x-sim-compile-ms"]),
         compiled,
     )
+
+
+def complete(sim_port: int, max_tokens: int, timeout: float = 30) -> tuple[int, Any]:
+    """POST a completion of `max_tokens` (EOS ignored) straight to a simulator, as a client
+    would: (status, parsed JSON or the error text)."""
+    body = {"model": "warmgate/sim", "prompt": "hello", "max_tokens": max_tokens}
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{sim_port}/v1/completions",
+        json.dumps({**body, "ignore_eos": True}).encode(),
+        {"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode(errors="replace")
 
 
 def sse_events(text: str) -> list[Any]:

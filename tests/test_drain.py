@@ -20,8 +20,6 @@ import socket
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,6 +29,7 @@ from typing import Any
 
 import psutil
 import pytest
+from simutil import complete
 from wgutil import Running, events, free_port, http_get, wait_for
 
 from warmgate.drain import Reading, Unread
@@ -121,21 +120,6 @@ def pods() -> Iterator[Pods]:
         started.close()
 
 
-def complete(sim_port: int, max_tokens: int = LONG) -> tuple[int, Any]:
-    """POST a completion straight to the simulator: (status, parsed JSON or text)."""
-    body = {"model": "warmgate/sim", "prompt": "hello", "max_tokens": max_tokens}
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{sim_port}/v1/completions",
-        json.dumps({**body, "ignore_eos": True}).encode(),
-        {"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as reply:
-            return reply.status, json.loads(reply.read())
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode(errors="replace")
-
-
 def open_chat(sim_port: int, request_id: str) -> tuple[int, Callable[[], tuple[int, Any]]]:
     """Connect to the simulator: (the client's local port, a call that runs a long chat)."""
     conn = http.client.HTTPConnection("127.0.0.1", sim_port, timeout=30)
@@ -200,7 +184,7 @@ def left_of(group: list[psutil.Process], pgid: int) -> list[int]:
 
 
 def start_long(pool: ThreadPoolExecutor, pod: Pod, count: int) -> list[Future[tuple[int, Any]]]:
-    futures = [pool.submit(complete, pod.sim_port) for _ in range(count)]
+    futures = [pool.submit(complete, pod.sim_port, LONG) for _ in range(count)]
     wait_for(lambda: sim_inflight(pod.sim_port) >= count, timeout=10, interval=0.05)
     return futures
 
@@ -246,7 +230,7 @@ def test_requests_arriving_during_the_drain_are_served_in_full(pods: Pods) -> No
         status, body = http_get(pod.port, "/ready")
         assert status == 503 and body["phase"] == "draining", body
         time.sleep(0.3)
-        late = pool.submit(complete, pod.sim_port)  # arrives mid-drain, outlasts the first
+        late = pool.submit(complete, pod.sim_port, LONG)  # arrives mid-drain, outlasts the first
 
         def two_in_flight() -> dict[str, Any] | None:
             drain: dict[str, Any] | None = http_get(pod.port, "/status")[1]["drain"]

@@ -10,7 +10,6 @@ Clients talk to the leader's simulator directly, as a Service would send them.
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 import sys
 import time
@@ -23,7 +22,7 @@ from typing import Any
 
 import psutil
 import pytest
-from simutil import Sim, sse_events
+from simutil import Sim, complete, sse_events
 from wgutil import Running, free_port, http_get, run, wait_for
 
 TIME_SCALE = "1.5"
@@ -116,21 +115,6 @@ def group() -> Iterator[Group]:
         started.close()
 
 
-def generate(sim_port: int, max_tokens: int = LONG) -> tuple[int, Any]:
-    """A long completion straight to the leader's simulator: (status, JSON or text)."""
-    body = {"model": "warmgate/sim", "prompt": "hello", "max_tokens": max_tokens}
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{sim_port}/v1/completions",
-        json.dumps({**body, "ignore_eos": True}).encode(),
-        {"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as reply:
-            return reply.status, json.loads(reply.read())
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode(errors="replace")
-
-
 def running(sim_port: int) -> bool:
     """The leader's engine has a request running (vllm:num_requests_running > 0)."""
     text = http_get(sim_port, "/metrics")[1]
@@ -141,7 +125,7 @@ def running(sim_port: int) -> bool:
 
 
 def start_long(pool: ThreadPoolExecutor, group: Group) -> Future[tuple[int, Any]]:
-    future = pool.submit(generate, group.sim_port)
+    future = pool.submit(complete, group.sim_port, LONG, 60)  # straight to the leader
     wait_for(lambda: running(group.sim_port), timeout=10, interval=0.05)
     return future
 

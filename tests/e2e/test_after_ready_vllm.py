@@ -10,6 +10,7 @@ tests run in file order and share them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import struct
@@ -47,6 +48,11 @@ class Group:
                 "--cache-dir", str(self.cache),
                 "--adapter-interval", "1",
                 "--drain-min", "0",
+                # With --enable-lora the CPU build's engine died on a chat request with
+                # n=2 and prompt_logprobs ("einsum(): subscript b has size 2 ... 41"):
+                # warmgate quarantines it, but these tests want a start that serves, so
+                # the plan leaves n and prompt_logprobs out.
+                "--features", "greedy,sampling,seed,penalties,logprobs,json",
                 "--",
                 *vllm_command(),
                 "--host", "127.0.0.1",
@@ -58,7 +64,8 @@ class Group:
             ],
             env=ENV,
         )  # fmt: skip
-        self.probe_port = until_ready(self.gate, timeout=900)
+        with contextlib.suppress(OSError):  # it exited between two polls: said below
+            self.probe_port = until_ready(self.gate, timeout=900)
         assert self.gate.proc.poll() is None, self.gate.stderr[-3000:]
 
     def stop(self) -> int:
@@ -102,7 +109,7 @@ def test_sleep_makes_the_pod_unready_and_wake_up_rewarms_it(group: Group) -> Non
     phases = [e["phase"] for e in group.gate.events("phase")]
     assert phases[-3:] == ["sleeping", "rewarming", "ready"], phases
     rewarm = group.status()["rewarm"]
-    assert rewarm["wakes"] == 1 and rewarm["shapes"] >= 1, rewarm
+    assert rewarm["wakes"] == 1 and len(rewarm["shapes"]) >= 1, rewarm
 
 
 def test_an_adapter_loaded_after_ready_is_warmed(group: Group, tmp_path: Path) -> None:
@@ -146,7 +153,7 @@ def replay_mix(base: str) -> None:
     """What one client sends: streamed chat asking for JSON and logprobs, three lengths."""
     with httpx.Client(timeout=120) as client:
         for n in range(18):
-            words = (20, 120, 500)[n % 3]
+            words = (10, 60, 250)[n % 3]  # up to ~1,300 tokens: within the 2,048 context
             prompt = " ".join([SECRET] + [f"w{n}x{i}" for i in range(words)])
             body = {
                 "model": MODEL,
@@ -159,7 +166,7 @@ def replay_mix(base: str) -> None:
                 "max_tokens": 4,
             }
             with client.stream("POST", f"{base}/v1/chat/completions", json=body) as reply:
-                assert reply.status_code == 200
+                assert reply.status_code == 200, reply.read()[:500]
                 assert "[DONE]" in "".join(reply.iter_text())
 
 
