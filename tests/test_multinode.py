@@ -124,8 +124,10 @@ def running(sim_port: int) -> bool:
     )
 
 
-def start_long(pool: ThreadPoolExecutor, group: Group) -> Future[tuple[int, Any]]:
-    future = pool.submit(complete, group.sim_port, LONG, 60)  # straight to the leader
+def start_long(
+    pool: ThreadPoolExecutor, group: Group, max_tokens: int = LONG
+) -> Future[tuple[int, Any]]:
+    future = pool.submit(complete, group.sim_port, max_tokens, 60)  # straight to the leader
     wait_for(lambda: running(group.sim_port), timeout=10, interval=0.05)
     return future
 
@@ -268,7 +270,7 @@ def test_a_worker_sigtermed_alone_holds_until_its_cap(group: Group) -> None:
     leader's engine then loses that worker, and the generation in flight with it."""
     leader, worker, _ = ready_group(group, "--drain-timeout", "2")
     with ThreadPoolExecutor(1) as pool:
-        request = start_long(pool, group)
+        request = start_long(pool, group, 2 * LONG)  # ~8 s: it outlasts the 2 s cap
         worker.wg.proc.send_signal(signal.SIGTERM)
         worker.wg.wait_event("hold", timeout=10)
         time.sleep(0.5)

@@ -227,6 +227,14 @@ def test_combinations_cross_lengths_and_concurrency_pairwise_most_frequent_first
     assert specs[0].endpoint == "chat" and specs[0].weight >= specs[-1].weight
 
 
+def test_a_length_too_long_for_every_observed_batch_is_planned_alone() -> None:
+    p = sample_profile()
+    p.prompt_tokens, p.concurrency = {2048: 1.0, 64: 9.0}, {4: 2}  # only batches of 4 seen
+    specs = profile.plan_specs(p, max_prompt_tokens=4000, max_inflight_tokens=2048)
+    assert any(s.prompt_tokens > 1000 and s.concurrency == 1 for s in specs)
+    assert all(s.prompt_tokens * s.concurrency <= 2048 or s.concurrency == 1 for s in specs)
+
+
 def test_a_start_plans_the_profile_first_then_the_default_within_its_order() -> None:
     info = plan.UpstreamInfo((plan.ModelInfo("m", 2048),), has_tokenize=True)
     specs = profile.plan_specs(sample_profile(), max_prompt_tokens=4000)

@@ -178,6 +178,39 @@ def test_the_learner_counts_from_ready_samples_concurrency_and_writes(tmp_path: 
     assert again.mine.requests == 1
 
 
+def test_warmgates_own_warm_ups_after_ready_are_left_out(tmp_path: Path) -> None:
+    """A re-warm or an adapter's warm-up after Ready (Learner.own_traffic): its requests
+    are not the clients' lengths, and its batches not the clients' concurrency."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), MetricsPage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    MetricsPage.page = metrics(0, 0)
+    store = ProfileStore(tmp_path, "k", "pod")
+    learner = traffic.Learner(store, outputs_logged=False, interval=0.2)
+
+    async def scenario() -> None:
+        upstream = Upstream(f"http://127.0.0.1:{server.server_port}")
+        task = asyncio.create_task(learner.learn(upstream))
+        await asyncio.sleep(0.1)
+        async with learner.own_traffic(upstream):
+            MetricsPage.page = metrics(4, 4)  # four of warmgate's, all at once
+            await asyncio.sleep(0.5)  # the learner samples meanwhile, and must not count
+        MetricsPage.page = metrics(4 + 10, 0)  # then ten clients', one at a time
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await learner.save(upstream)
+        await upstream.aclose()
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 20))
+    finally:
+        server.shutdown()
+    data = json.loads(store.own.read_text())
+    assert sum(data["prompt_tokens"].values()) == pytest.approx(10.0)
+    assert data["concurrency"] == {}
+
+
 PARAMS = (
     "SamplingParams(n=1, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=None, "
     "logprobs=None, prompt_logprobs=None, structured_outputs=None), lora_request: None."

@@ -593,7 +593,7 @@ class Gate:
         settings = self._after_ready_settings(rewarm=True)
         self._log.info("rewarm", wakes=self.life.wakes)
         try:
-            async with asyncio.timeout(settings.warmup_timeout):
+            async with asyncio.timeout(settings.warmup_timeout), self._own_traffic():
                 await self._run_worker(settings, self.rewarm)
         except TimeoutError:
             ok, detail = False, f"--warmup-timeout {settings.warmup_timeout:g} s reached"
@@ -608,6 +608,12 @@ class Gate:
         emit("rewarm_done", ms=round(self.rewarm_s * 1000), shapes=len(self.rewarm.results),
              ok=ok, error=detail or None)  # fmt: skip
         self.apply(WarmupFinished(ok, detail))
+
+    def _own_traffic(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Around a warm-up after Ready: the traffic profile leaves its requests out."""
+        if self.learner is None:
+            return contextlib.nullcontext()
+        return self.learner.own_traffic(self.upstream)
 
     async def _poll_adapters(self) -> None:
         """After Ready, /v1/models every --adapter-interval: adapters new there are warmed
@@ -643,7 +649,7 @@ class Gate:
         progress = Progress(self.meter.observe)
         error: str | None = None
         try:
-            async with asyncio.timeout(settings.warmup_timeout):
+            async with asyncio.timeout(settings.warmup_timeout), self._own_traffic():
                 await self._run_worker(settings, progress)
         except asyncio.CancelledError:
             self.adapters.stopped(name)  # Ready was left: warmed again once back
@@ -699,7 +705,11 @@ class Gate:
         if found is None:
             return settings.profile
         cap = settings.max_inflight_tokens or (self.engine.step_budget if self.engine else None)
-        return profile.plan_specs(found, max_prompt_tokens=1 << 30, max_inflight_tokens=cap)
+        try:
+            return profile.plan_specs(found, max_prompt_tokens=1 << 30, max_inflight_tokens=cap)
+        except plan.PlanError as exc:  # a profile must never cost the start: the default plan
+            self._log.warning("profile", note=f"left out: {exc}")
+            return ()
 
     def _start_learning(self) -> None:
         """At Ready (the first time): learn what clients send from now on."""

@@ -475,6 +475,10 @@ def plan_specs(
         fitting[tokens] = fitting.get(tokens, 0.0) + share
     lengths = sorted(fitting.items(), key=lambda kv: (-kv[1], kv[0]))
     levels = _levels({k: float(v) for k, v in profile.concurrency.items()}) or [(1, 1.0)]
+    if all(level > 1 for level, _ in levels):
+        # A single request fits any length: without it, a length whose batches the cap
+        # forbids would leave the covering no level to pick.
+        levels.append((1, 0.0))
     cap = max_inflight_tokens
 
     def ok(i: int, a: int, j: int, b: int) -> bool:

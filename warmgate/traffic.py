@@ -19,8 +19,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,6 +154,10 @@ class Learner:
         self.mine = Profile(store.key, pods=(store.pod,))
         self._base: Profile | None = None  # this pod's file from an earlier container
         self._at_ready: MetricsReading | None = None
+        # The histograms' growth during warmgate's own warm-ups after Ready (a re-warm, an
+        # adapter's), per bucket range: left out of the profile, as the start-up's is.
+        self._own: dict[str, dict[tuple[float, float], float]] = {}
+        self._own_running = 0  # own warm-ups running now: no concurrency sample meanwhile
         self.written_at: float | None = None  # wall time of the last write
         self.write_warning: str | None = None
         self._log = log.get()
@@ -187,9 +193,31 @@ class Learner:
         reading = await read_metrics(upstream)
         await self._write(reading)
 
+    @contextlib.asynccontextmanager
+    async def own_traffic(self, upstream: Upstream) -> AsyncIterator[None]:
+        """Around a warm-up of warmgate's own after Ready: what the histograms gain
+        meanwhile is not the clients'. (Clients' requests in that window are lost to the
+        lengths; their features still count, from the log.)"""
+        if not self.requests.learning:
+            yield
+            return
+        self._own_running += 1
+        before = await read_metrics(upstream)
+        try:
+            yield
+        finally:
+            after = await read_metrics(upstream)
+            self._own_running -= 1
+            if before is not None and after is not None:
+                for name in ("prompt_tokens", "max_tokens"):
+                    gained = profile.bucket_counts(getattr(after, name), getattr(before, name))
+                    own = self._own.setdefault(name, {})
+                    for bucket, n in gained.items():
+                        own[bucket] = own.get(bucket, 0.0) + n
+
     def _sample(self, reading: MetricsReading | None) -> None:
         running = reading.running if reading is not None else None
-        if running is not None and running >= 1:
+        if running is not None and running >= 1 and not self._own_running:
             level = profile.octave(round(running))
             self.mine.concurrency[level] = self.mine.concurrency.get(level, 0) + 1
 
@@ -219,10 +247,12 @@ class Learner:
         then = self._at_ready
         base = self._base
         for name in ("prompt_tokens", "max_tokens"):
+            since = profile.bucket_counts(
+                getattr(reading, name), getattr(then, name) if then is not None else None
+            )
+            own = self._own.get(name, {})
             delta = profile.octaves_of(
-                profile.bucket_counts(
-                    getattr(reading, name), getattr(then, name) if then is not None else None
-                )
+                {b: n - own.get(b, 0.0) for b, n in since.items() if n > own.get(b, 0.0)}
             )
             merged = dict(getattr(base, name)) if base is not None else {}
             for k, v in delta.items():

@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import until_ready, vllm_command
+from conftest import vllm_command
 from wgutil import Running, free_port, http_get, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -64,9 +64,15 @@ class Group:
             ],
             env=ENV,
         )  # fmt: skip
-        with contextlib.suppress(OSError):  # it exited between two polls: said below
-            self.probe_port = until_ready(self.gate, timeout=900)
-        assert self.gate.proc.poll() is None, self.gate.stderr[-3000:]
+        self.probe_port = int(self.gate.wait_event("listening", timeout=60)["port"])
+
+        def answers() -> bool:
+            with contextlib.suppress(OSError):  # closed: it is on its way out
+                return self.ready() == 200
+            return False
+
+        wait_for(lambda: answers() or self.gate.proc.poll() is not None, timeout=900, interval=0.5)
+        assert answers(), f"not Ready (exit {self.gate.proc.poll()}):\n{self.gate.stderr[-4000:]}"
 
     def stop(self) -> int:
         assert self.gate is not None
