@@ -91,8 +91,11 @@ def test_warmgate_beats_both_baselines_on_the_held_out_mix(bench: tuple[int, str
     for baseline in ("none", "health"):
         assert rows[baseline]["max_ratio"] > 1.5 > warm["max_ratio"]
     # The simulator prints a JIT-monitor line per kernel it compiles: the baselines leave
-    # dozens to the first clients, warmgate one (a JSON schema no warm-up can know).
-    assert warm["jit_after_ready"] <= 2 < rows["health"]["jit_after_ready"]
+    # dozens to the first clients, warmgate one (a JSON schema no warm-up can know), or
+    # four: at time-scale 0.02 a decode step (0.2 ms) is shorter than the spread of eight
+    # HTTP arrivals, so the 8-wide batch of 4-token decodes may never run 8 wide and leave
+    # decode:8 and its two samplers to the held-out burst of 8 (2 of 5 runs on 12-04).
+    assert warm["jit_after_ready"] <= 4 < 10 < rows["health"]["jit_after_ready"]
 
 
 def test_timeline_order_matches_each_strategy(bench: tuple[int, str, Path]) -> None:
