@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -138,23 +139,21 @@ def metrics(under_200: int, running: int) -> str:
     )
 
 
-def test_the_learner_counts_from_ready_samples_concurrency_and_writes(tmp_path: Path) -> None:
+def learn_from(
+    learner: traffic.Learner, after_ready: Callable[[Upstream], Awaitable[None]]
+) -> dict[str, Any]:
+    """Run `learner` against a loopback /metrics page (the warm-up's five at Ready), with
+    `after_ready` changing the page meanwhile; then the drain's write. The file it wrote."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), MetricsPage)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     MetricsPage.page = metrics(0, 0)
-    store = ProfileStore(tmp_path, "k", "pod")
-    learner = traffic.Learner(store, outputs_logged=False, interval=0.2)
-    learner.load()
-    assert learner.loaded is None
 
     async def scenario() -> None:
         upstream = Upstream(f"http://127.0.0.1:{server.server_port}")
         task = asyncio.create_task(learner.learn(upstream))
         await asyncio.sleep(0.1)  # the baseline at Ready: the warm-up's five
         assert learner.requests.learning
-        MetricsPage.page = metrics(10, 3)
-        learner.requests.feed(1, f"Received request chatcmpl-x: params: {PARAMS}\n".encode())
-        await asyncio.sleep(0.7)
+        await after_ready(upstream)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
@@ -165,7 +164,21 @@ def test_the_learner_counts_from_ready_samples_concurrency_and_writes(tmp_path: 
         asyncio.run(asyncio.wait_for(scenario(), 20))
     finally:
         server.shutdown()
-    data = json.loads(store.own.read_text())
+    return dict(json.loads(learner.store.own.read_text()))
+
+
+def test_the_learner_counts_from_ready_samples_concurrency_and_writes(tmp_path: Path) -> None:
+    store = ProfileStore(tmp_path, "k", "pod")
+    learner = traffic.Learner(store, outputs_logged=False, interval=0.2)
+    learner.load()
+    assert learner.loaded is None
+
+    async def clients(upstream: Upstream) -> None:
+        MetricsPage.page = metrics(10, 3)
+        learner.requests.feed(1, f"Received request chatcmpl-x: params: {PARAMS}\n".encode())
+        await asyncio.sleep(0.7)
+
+    data = learn_from(learner, clients)
     assert data["requests"] == 1
     assert sum(data["prompt_tokens"].values()) == pytest.approx(10.0)  # not the warm-up's 5
     assert set(data["prompt_tokens"]) == {"128", "256"}
@@ -181,32 +194,16 @@ def test_the_learner_counts_from_ready_samples_concurrency_and_writes(tmp_path: 
 def test_warmgates_own_warm_ups_after_ready_are_left_out(tmp_path: Path) -> None:
     """A re-warm or an adapter's warm-up after Ready (Learner.own_traffic): its requests
     are not the clients' lengths, and its batches not the clients' concurrency."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), MetricsPage)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    MetricsPage.page = metrics(0, 0)
-    store = ProfileStore(tmp_path, "k", "pod")
-    learner = traffic.Learner(store, outputs_logged=False, interval=0.2)
+    learner = traffic.Learner(ProfileStore(tmp_path, "k", "pod"), False, interval=0.2)
 
-    async def scenario() -> None:
-        upstream = Upstream(f"http://127.0.0.1:{server.server_port}")
-        task = asyncio.create_task(learner.learn(upstream))
-        await asyncio.sleep(0.1)
+    async def own_then_clients(upstream: Upstream) -> None:
         async with learner.own_traffic(upstream):
             MetricsPage.page = metrics(4, 4)  # four of warmgate's, all at once
             await asyncio.sleep(0.5)  # the learner samples meanwhile, and must not count
         MetricsPage.page = metrics(4 + 10, 0)  # then ten clients', one at a time
         await asyncio.sleep(0.3)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await learner.save(upstream)
-        await upstream.aclose()
 
-    try:
-        asyncio.run(asyncio.wait_for(scenario(), 20))
-    finally:
-        server.shutdown()
-    data = json.loads(store.own.read_text())
+    data = learn_from(learner, own_then_clients)
     assert sum(data["prompt_tokens"].values()) == pytest.approx(10.0)
     assert data["concurrency"] == {}
 
