@@ -3,11 +3,13 @@ whole program over `warmgate sim --enable-lora`: a new adapter is warm within se
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +109,10 @@ def _metric(port: int, state: str) -> float | None:
     return float(found.group(1)) if found else None
 
 
-def test_an_adapter_loaded_after_ready_is_warm_within_seconds(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def ready_over_sim() -> Iterator[tuple[Running, int, int]]:
+    """warmgate over a simulator that loads adapters at run time, once Ready: (warmgate,
+    its probe port, the simulator's port); stopped on the way out."""
     sim_port = free_port()
     argv = ["run", "--host", "127.0.0.1", "--port", "0", *ARGS, "--", *WARMGATE, "sim"]
     argv += ["--host", "127.0.0.1", "--port", str(sim_port), *SIM]
@@ -115,6 +120,13 @@ def test_an_adapter_loaded_after_ready_is_warm_within_seconds(tmp_path: Path) ->
     try:
         port = int(running.wait_event("listening", timeout=15)["port"])
         wait_for(lambda: http_get(port, "/ready")[0] == 200, timeout=90)
+        yield running, port, sim_port
+    finally:
+        running.stop()
+
+
+def test_an_adapter_loaded_after_ready_is_warm_within_seconds(tmp_path: Path) -> None:
+    with ready_over_sim() as (running, port, sim_port):
         assert _adapters(port) == {} and _metric(port, "warm") == 0.0
 
         weights = tmp_path / "sql-lora"
@@ -145,18 +157,10 @@ def test_an_adapter_loaded_after_ready_is_warm_within_seconds(tmp_path: Path) ->
         assert _post(sim_port, "/v1/unload_lora_adapter", {"lora_name": "sql"})[0] == 200
         wait_for(lambda: "sql" not in _adapters(port), timeout=5)
         assert _metric(port, "warm") == 0.0
-    finally:
-        running.stop()
 
 
 def test_two_adapters_warm_one_at_a_time_in_the_order_seen(tmp_path: Path) -> None:
-    sim_port = free_port()
-    argv = ["run", "--host", "127.0.0.1", "--port", "0", *ARGS, "--", *WARMGATE, "sim"]
-    argv += ["--host", "127.0.0.1", "--port", str(sim_port), *SIM]
-    running = Running(argv, env=RUNTIME_LORA)
-    try:
-        port = int(running.wait_event("listening", timeout=15)["port"])
-        wait_for(lambda: http_get(port, "/ready")[0] == 200, timeout=90)
+    with ready_over_sim() as (running, port, sim_port):
         for name in ("a", "b"):
             (tmp_path / name).mkdir()
             load = {"lora_name": name, "lora_path": str(tmp_path / name)}
@@ -171,5 +175,3 @@ def test_two_adapters_warm_one_at_a_time_in_the_order_seen(tmp_path: Path) -> No
         warmed = [e["adapter"] for e in running.events("adapter_warmup") if e["state"] == "warm"]
         assert warmed == ["a", "b"]  # one at a time, in the order seen
         assert _metric(port, "warm") == 2.0
-    finally:
-        running.stop()
