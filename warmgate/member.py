@@ -175,7 +175,11 @@ class Membership:
                 self._poll_now.set()  # decide on a reading of the leader taken from now on
 
     def _hold_ended(self) -> None:
-        stop = self.group.on_deadline(time.monotonic())
+        # The event loop may run a timer up to its clock resolution early: a deadline the
+        # group saw as not yet reached would leave the hold with no timer at all.
+        cap = self.group.hold_until
+        now = time.monotonic() if cap is None else max(time.monotonic(), cap)
+        stop = self.group.on_deadline(now)
         if stop is not None:
             self.publish()
             self._release(stop)
